@@ -1,0 +1,102 @@
+// Stochastic gradient descent with momentum, dampening, Nesterov and weight decay (PyTorch's semantics).
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+
+namespace gcomp {
+
+struct sgd_options {
+  double lr = 0.01;
+  double momentum = 0.0;      // in [0, 1)
+  double dampening = 0.0;     // in [0, 1]
+  bool nesterov = false;      // needs momentum > 0 and dampening == 0
+  double weight_decay = 0.0;  // >= 0, added to the gradient as weight_decay * x
+};
+
+/// Per element, as torch.optim.SGD does it:
+///   d = g + weight_decay * x
+///   b = d on a layer's first step, else momentum * b + (1 - dampening) * d
+///   d = d + momentum * b (Nesterov) or d = b
+///   x = x - lr * d
+/// Layers switched off by the mask keep parameters and momentum untouched, and
+/// a layer's "first step" is its first active one.
+template <class T = float>
+class sgd {
+ public:
+  using value_type = T;
+
+  explicit sgd(sgd_options options = {}) : options_(options) {
+    constexpr std::string_view where = "gcomp::sgd";
+    check_non_negative(where, "lr", options.lr);
+    check_in_half_open(where, "momentum", options.momentum, 0.0, 1.0);
+    check_in_range(where, "dampening", options.dampening, 0.0, 1.0);
+    check_non_negative(where, "weight_decay", options.weight_decay);
+    require(!options.nesterov || (options.momentum > 0 && options.dampening == 0), where,
+            "nesterov needs momentum > 0 and dampening == 0, got momentum ", options.momentum,
+            " and dampening ", options.dampening);
+  }
+
+  const sgd_options& options() const { return options_; }
+  /// Changes the learning rate for the next steps (schedules call this).
+  void set_lr(double lr) {
+    check_non_negative("gcomp::sgd::set_lr", "lr", lr);
+    options_.lr = lr;
+  }
+
+  template <class Policy>
+  void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
+            layer_mask active = {}) {
+    constexpr std::string_view where = "gcomp::sgd::step";
+    lay.check_buffer(where, "params", params.size());
+    check_same_size(where, "grads", grads.size(), "params", params.size());
+    if (!active.empty())
+      check_same_size(where, "active", active.size(), "layout layers", lay.num_layers());
+    const bool use_momentum = options_.momentum != 0.0;
+    if (use_momentum && momentum_.size() != params.size()) {
+      momentum_.assign(params.size(), T(0));
+      started_.assign(lay.num_layers(), 0);
+    }
+    const T lr = static_cast<T>(options_.lr);
+    const T mu = static_cast<T>(options_.momentum);
+    const T keep = static_cast<T>(1.0 - options_.dampening);
+    const T wd = static_cast<T>(options_.weight_decay);
+    const bool nesterov = options_.nesterov;
+    for (std::size_t d = 0; d < lay.num_layers(); ++d) {
+      if (!active.empty() && active[d] == 0) continue;
+      T* x = params.data() + lay[d].offset;
+      const T* g = grads.data() + lay[d].offset;
+      const std::size_t n = lay[d].size;
+      if (!use_momentum) {
+        for_each_index(policy, n, [=](std::size_t i) { x[i] = x[i] - lr * (g[i] + wd * x[i]); });
+        continue;
+      }
+      T* b = momentum_.data() + lay[d].offset;
+      const bool first = started_[d] == 0;
+      started_[d] = 1;
+      for_each_index(policy, n, [=](std::size_t i) {
+        const T step = g[i] + wd * x[i];
+        const T buf = first ? step : mu * b[i] + keep * step;
+        b[i] = buf;
+        x[i] = x[i] - lr * (nesterov ? step + mu * buf : buf);
+      });
+    }
+  }
+
+  /// The momentum buffer (empty until the first step with momentum).
+  std::span<const T> momentum_buffer() const { return momentum_; }
+
+ private:
+  sgd_options options_;
+  std::vector<T> momentum_;
+  std::vector<std::uint8_t> started_;  // per layer: has it taken a step yet
+};
+
+}  // namespace gcomp
