@@ -72,18 +72,21 @@ int main() {
                              gcomp::allreduce{},        // aggregator: average over workers
                              gcomp::sgd<float>{{.lr = 0.5, .momentum = 0.9}}};
     std::vector<float> params(layout.total_size(), 0.0f), grad(layout.total_size());
+    unsigned long long gradient_bytes = 0;  // what the pipeline sent, not the loss printouts
 
     for (int step = 0; step <= 200; ++step) {
       const std::size_t first = (std::size_t(step) * batch) % samples_per_worker;
       float loss = loss_and_gradient(data, first, batch, params, grad);
+      const auto before = comm.stats().bytes_sent;
       pipeline.step(gcomp::host_seq{}, comm, layout, std::span<float>(params),
                     std::span<const float>(grad));
+      gradient_bytes += comm.stats().bytes_sent - before;
 
       // Average the loss for the printout (a collective: every worker calls it).
       comm.allreduce_sum(gcomp::host_seq{}, std::span<float>(&loss, 1));
       if (comm.rank() == 0 && step % 25 == 0)
-        std::printf("step %3d  loss %.4f  bytes sent by worker 0: %llu\n", step, loss / workers,
-                    static_cast<unsigned long long>(comm.stats().bytes_sent));
+        std::printf("step %3d  loss %.4f  gradient bytes sent by worker 0: %llu\n", step,
+                    loss / workers, gradient_bytes);
       losses[comm.rank()] = loss / workers;
     }
   });

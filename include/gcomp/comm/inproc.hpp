@@ -400,8 +400,12 @@ class inproc_state {
   // of them throw instead of hanging.
   void check_deadlock() {
     if (broken_ || nb_processing_ || nb_ready()) return;
-    for (std::size_t r = 0; r < status_.size(); ++r)
+    bool waiting = false;  // ranks that all returned are done, not deadlocked
+    for (std::size_t r = 0; r < status_.size(); ++r) {
       if (!stuck(r)) return;
+      waiting = waiting || status_[r] != status::finished;
+    }
+    if (!waiting) return;
     std::string message = "deadlock:";
     for (std::size_t r = 0; r < status_.size(); ++r) {
       message += r == 0 ? " " : ", ";

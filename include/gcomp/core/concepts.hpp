@@ -29,7 +29,15 @@ namespace gcomp {
 ///  - bits_per_element(c, n): bits on the wire per gradient element for an
 ///    n-element input (headers included), for reports and byte budgets.
 template <class C>
-struct compressor_traits {
+struct compressor_traits {};  // no members: a type without them is no compressor
+
+template <class C>
+  requires requires(const C& c, std::size_t n) {
+    { C::unbiased } -> std::convertible_to<bool>;
+    { C::shared_support } -> std::convertible_to<bool>;
+    { c.bits_per_element(n) } -> std::convertible_to<double>;
+  }
+struct compressor_traits<C> {
   static constexpr bool unbiased = C::unbiased;
   static constexpr bool shared_support = C::shared_support;
   static double bits_per_element(const C& c, std::size_t n) { return c.bits_per_element(n); }

@@ -12,7 +12,7 @@ int main() {
   std::vector<std::vector<float>> params(2, std::vector<float>(2, 0.0f));
   group.run([&](gcomp::inproc_comm& comm) {
     gcomp::pipeline p{gcomp::identity<float>{}, gcomp::allreduce{},
-                      gcomp::sgd<float>{{.lr = 0.1}}};
+                      gcomp::sgd<float>{{.lr = 0.5}}};
     std::vector<float>& x = params[comm.rank()];
     std::vector<float> g(2);
     for (int step = 0; step < 300; ++step) {

@@ -21,6 +21,10 @@ GCOMP_HD constexpr std::size_t reduce_block_count(std::size_t n) {
 }
 
 /// The value of one block: indices [begin, end) with end - begin <= reduce_block.
+// Host code passes host-only lambdas here; tell nvcc not to check the callees.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
 template <class R, class Reduce, class Transform>
 GCOMP_HD R reduce_one_block(std::size_t begin, std::size_t end, R identity, Reduce& reduce,
                             Transform& transform) {
