@@ -15,7 +15,10 @@
 #include <thread>
 #include <vector>
 
+#include "../primitive_oracles.hpp"
+
 namespace {
+using namespace gcomp_test;
 
 static_assert(gcomp::execution_policy<gcomp::thrust_device>);
 static_assert(gcomp::host_memory_policy<gcomp::thrust_device>,
@@ -23,79 +26,11 @@ static_assert(gcomp::host_memory_policy<gcomp::thrust_device>,
 
 constexpr std::size_t sizes[] = {0, 1, 7, 8, 4095, 4096, 4097, 100003, std::size_t{1} << 20};
 
-// Values spread over many binades, so a sum taken in another order would
-// almost surely round differently and the bitwise checks would notice.
-std::vector<float> make_values(std::size_t n, std::uint32_t seed) {
-  std::vector<float> values(n);
-  std::uint64_t state = 0x9e3779b97f4a7c15ull * (seed + 1);
-  for (float& v : values) {
-    state = state * 6364136223846793005ull + 1442695040888963407ull;
-    const auto bits = static_cast<std::uint32_t>(state >> 32);
-    const float unit = static_cast<float>(bits >> 8) * 0x1p-24f * 2.0f - 1.0f;  // [-1, 1)
-    v = std::ldexp(unit, static_cast<int>(bits % 24) - 12);
-  }
-  return values;
-}
-
-template <class T>
-auto bits_of(T value) {
-  if constexpr (sizeof(T) == 4)
-    return std::bit_cast<std::uint32_t>(value);
-  else
-    return std::bit_cast<std::uint64_t>(value);
-}
-
-struct reductions {
-  float sum_of_squares;
-  double sum;
-  float max;
-  int positives;
-};
-
-// The four reductions the tests compare, written as a kernel author would:
-// GCOMP_HD lambdas capturing raw pointers.
-template <class Policy>
-reductions reduce_all(const Policy& policy, std::span<const float> values) {
-  const float* x = values.data();
-  const std::size_t n = values.size();
-  const auto plus_f = [] GCOMP_HD(float a, float b) { return a + b; };
-  const auto plus_d = [] GCOMP_HD(double a, double b) { return a + b; };
-  const auto max_f = [] GCOMP_HD(float a, float b) { return a < b ? b : a; };
-  const auto plus_i = [] GCOMP_HD(int a, int b) { return a + b; };
-  reductions r;
-  r.sum_of_squares = gcomp::transform_reduce(policy, n, 0.0f, plus_f,
-                                             [=] GCOMP_HD(std::size_t i) { return x[i] * x[i]; });
-  r.sum = gcomp::transform_reduce(policy, n, 0.0, plus_d, [=] GCOMP_HD(std::size_t i) {
-    return static_cast<double>(x[i]) * 1.000001 + 1e-3;
-  });
-  r.max = gcomp::transform_reduce(policy, n, -std::numeric_limits<float>::infinity(), max_f,
-                                  [=] GCOMP_HD(std::size_t i) { return x[i]; });
-  r.positives = gcomp::transform_reduce(policy, n, 0, plus_i,
-                                        [=] GCOMP_HD(std::size_t i) { return x[i] > 0.0f ? 1 : 0; });
-  return r;
-}
-
-void check_same(const reductions& expected, const reductions& got) {
-  CHECK(bits_of(got.sum_of_squares) == bits_of(expected.sum_of_squares));
-  CHECK(bits_of(got.sum) == bits_of(expected.sum));
-  CHECK(bits_of(got.max) == bits_of(expected.max));
-  CHECK(got.positives == expected.positives);
-}
-
 // Restores OpenMP's thread count when a test that changes it ends.
 struct omp_threads_guard {
   int saved = omp_get_max_threads();
   ~omp_threads_guard() { omp_set_num_threads(saved); }
 };
-
-std::string message_of(auto&& call) {
-  try {
-    call();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  return "(no gcomp::error thrown)";
-}
 
 }  // namespace
 
