@@ -8,11 +8,13 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
 
 namespace gcomp_test {
 
@@ -95,6 +97,32 @@ std::string message_of(Call&& call) {
     return e.what();
   }
   return "(no gcomp::error thrown)";
+}
+
+// Per-layer reductions over x (memory the policy can read), compared bitwise.
+template <class Policy>
+std::vector<float> per_layer_sums(const Policy& policy, const gcomp::layout& lay, const float* x) {
+  std::vector<float> out(lay.num_layers(), 123.0f);
+  gcomp::reduce_per_layer(policy, lay, std::span<float>(out), 0.0f, plus_f{},
+                          [=] GCOMP_HD(std::size_t i) { return x[i] * x[i]; });
+  return out;
+}
+
+template <class Policy>
+std::vector<float> per_layer_max(const Policy& policy, const gcomp::layout& lay, const float* x) {
+  std::vector<float> out(lay.num_layers(), 123.0f);
+  gcomp::reduce_per_layer(policy, lay, std::span<float>(out),
+                          -std::numeric_limits<float>::infinity(), max_f{},
+                          [=] GCOMP_HD(std::size_t i) { return x[i]; });
+  return out;
+}
+
+inline void check_same_bits(const std::vector<float>& expected, const std::vector<float>& got) {
+  REQUIRE(got.size() == expected.size());
+  for (std::size_t d = 0; d < expected.size(); ++d) {
+    CAPTURE(d);
+    CHECK(bits_of(got[d]) == bits_of(expected[d]));
+  }
 }
 
 }  // namespace gcomp_test

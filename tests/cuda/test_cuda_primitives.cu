@@ -88,34 +88,6 @@ TEST_CASE("cuda_par and thrust_device transform_reduce equal host_seq bitwise") 
   }
 }
 
-namespace {
-
-template <class Policy>
-std::vector<float> per_layer_sums(const Policy& policy, const gcomp::layout& lay, const float* x) {
-  std::vector<float> out(lay.num_layers(), 123.0f);
-  gcomp::reduce_per_layer(policy, lay, std::span<float>(out), 0.0f, plus_f{},
-                          [=] GCOMP_HD(std::size_t i) { return x[i] * x[i]; });
-  return out;
-}
-
-template <class Policy>
-std::vector<float> per_layer_max(const Policy& policy, const gcomp::layout& lay, const float* x) {
-  std::vector<float> out(lay.num_layers(), 123.0f);
-  gcomp::reduce_per_layer(policy, lay, std::span<float>(out),
-                          -std::numeric_limits<float>::infinity(), max_f{},
-                          [=] GCOMP_HD(std::size_t i) { return x[i]; });
-  return out;
-}
-
-void check_same_bits(const std::vector<float>& expected, const std::vector<float>& got) {
-  REQUIRE(got.size() == expected.size());
-  for (std::size_t d = 0; d < expected.size(); ++d) {
-    CAPTURE(d);
-    CHECK(bits_of(got[d]) == bits_of(expected[d]));
-  }
-}
-
-}  // namespace
 
 TEST_CASE("cuda_par and thrust_device reduce_per_layer equal host_seq bitwise") {
   stream_holder s;
