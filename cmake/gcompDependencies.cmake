@@ -75,6 +75,13 @@ gcomp_option(GCOMP_WITH_NCCL "Build the NCCL adapter's tests" GCOMP_NCCL_FOUND)
 find_package(Torch CONFIG QUIET)
 gcomp_option(GCOMP_WITH_TORCH "Build the LibTorch-based tests and examples" Torch_FOUND)
 
+# gcomp_link_torch(target): links LibTorch (its headers come in as system
+# headers, so our -Werror does not apply to them) and defines GCOMP_HAVE_TORCH.
+function(gcomp_link_torch target)
+  target_link_libraries(${target} PRIVATE ${TORCH_LIBRARIES})
+  target_compile_definitions(${target} PRIVATE GCOMP_HAVE_TORCH=1)
+endfunction()
+
 # Warnings are errors in the project's own targets.
 function(gcomp_warnings target)
   target_compile_options(${target} PRIVATE
