@@ -71,6 +71,16 @@ concept allreducible_compressor =
       { message.values() } -> std::convertible_to<std::span<T>>;
     };
 
+/// A payload that travels as bytes: encoded_size / encode / decode found by
+/// argument-dependent lookup (core/message.hpp describes the contract).
+template <class P>
+concept wire_payload = requires(const P& cp, P& p, std::vector<std::byte>& out,
+                                std::span<const std::byte> in, std::uint64_t dimension) {
+  { encoded_size(cp) } -> std::convertible_to<std::size_t>;
+  encode(cp, out);
+  decode(in, p, dimension);
+};
+
 // ---------------------------------------------------------------------------
 // Communicators
 
