@@ -84,8 +84,10 @@ TEST_CASE("compressor_traits report identity honestly") {
   using traits = gcomp::compressor_traits<gcomp::identity<float>>;
   CHECK(traits::unbiased);
   CHECK(traits::shared_support);
-  CHECK(traits::bits_per_element(gcomp::identity<float>{}, 100) == 32.0);
-  CHECK(gcomp::compressor_traits<gcomp::identity<double>>::bits_per_element({}, 1) == 64.0);
+  // 32 bits per value plus the 24-byte header spread over the n elements.
+  CHECK(traits::bits_per_element(gcomp::identity<float>{}, 100) == doctest::Approx(32.0 + 1.92));
+  CHECK(gcomp::compressor_traits<gcomp::identity<double>>::bits_per_element({}, 1) ==
+        64.0 + 192.0);
 }
 
 TEST_CASE("identity: compress then decompress_add reproduces the scaled input; wire bytes exact") {
@@ -93,7 +95,7 @@ TEST_CASE("identity: compress then decompress_add reproduces the scaled input; w
   gcomp::identity<float>::payload message;
   const std::vector<float> g{1.0f, -2.0f, 3.5f};
   c.compress(gcomp::host_seq{}, std::span<const float>(g), message, {});
-  CHECK(c.wire_bytes(message) == 3 * sizeof(float));
+  CHECK(c.wire_bytes(message) == 24 + 3 * sizeof(float));  // header + values
   std::vector<float> out{10.0f, 10.0f, 10.0f};
   c.decompress_add(gcomp::host_seq{}, message, std::span<float>(out), 2.0f);
   CHECK(out == std::vector<float>{12.0f, 6.0f, 17.0f});

@@ -38,8 +38,10 @@ struct identity {
     for_each_index(policy, out.size(), [=](std::size_t i) { o[i] += scale * v[i]; });
   }
 
-  std::size_t wire_bytes(const payload& message) const { return message.size() * sizeof(T); }
-  double bits_per_element(std::size_t) const { return 8.0 * sizeof(T); }
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+  double bits_per_element(std::size_t n) const {
+    return n == 0 ? 0.0 : 8.0 * double(wire::header_bytes + n * sizeof(T)) / double(n);
+  }
 };
 
 }  // namespace gcomp

@@ -23,7 +23,9 @@ namespace gcomp {
 ///   u64 k | k indices (4 or 8 bytes each) | k values
 /// The support-only form (flags bit 1, element none) carries u64 k and the
 /// indices only: chain<A, B> sends the support this way and B's message for
-/// the values.
+/// the values. Flags bit 2 is taken by compress/random_block.hpp's
+/// block_payload (a contiguous block: u64 offset | u64 k | values), which
+/// shares this kind; new sparse forms must pick another bit.
 template <class T, class Index = std::uint32_t>
 struct sparse_payload {
   static_assert(std::is_same_v<Index, std::uint32_t> || std::is_same_v<Index, std::uint64_t>,
