@@ -20,6 +20,8 @@
 #include "gcomp/compress/powersgd.hpp"
 #include "gcomp/compress/random_block.hpp"
 #include "gcomp/compress/randomk.hpp"
+#include "gcomp/compress/threshold_topk.hpp"
+#include "gcomp/compress/topk.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/comm/stats.hpp"
 #include "gcomp/aggregate/allgather.hpp"

@@ -1,0 +1,266 @@
+// Threshold sparsifiers: a fixed hard threshold, and the sampled-threshold top-k of Deep Gradient Compression (Lin et al., ICLR 2018) with an exact correction.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gcomp/compress/detail/select.hpp"
+#include "gcomp/compress/detail/topk_sparse.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/random.hpp"
+#include "gcomp/core/sparse_payload.hpp"
+#include "gcomp/exec/host.hpp"
+
+namespace gcomp {
+
+namespace detail {
+
+inline void check_threshold_index_range(std::string_view where, std::size_t n) {
+  // One selection handles up to 2^32 elements (detail/select.hpp).
+  if (static_cast<std::uint64_t>(n) > (std::uint64_t{1} << 32))
+    fail(where, "gradient size ", n, " exceeds the 2^32 elements a threshold selection handles");
+}
+
+template <class Index>
+void check_threshold_index_type(std::string_view where, std::size_t n) {
+  if (n != 0 && static_cast<std::uint64_t>(n) - 1 > std::numeric_limits<Index>::max())
+    fail(where, "gradient size ", n, " does not fit ", sizeof(Index),
+         "-byte indices; use std::uint64_t indices");
+  check_threshold_index_range(where, n);
+}
+
+inline constexpr std::uint64_t sampled_topk_tag = 0x44474354u;  // "DGCT": the sample's sub-stream
+
+}  // namespace detail
+
+/// C(g) keeps every element with |g_i| >= tau (a fixed tau > 0) and zeroes
+/// the rest: the kept count depends on the data. Biased; it is the
+/// epsilon-compressor ||C(g) - g||_inf < tau of Khirirat et al.
+/// Non-finite gradients are rejected (gcomp::error naming the first index,
+/// payload unchanged). One pass over g, parallel under host_par; the result
+/// does not depend on the thread count.
+template <class T = float, class Index = std::uint32_t>
+class hard_threshold {
+ public:
+  using value_type = T;
+  using index_type = Index;
+  using payload = sparse_payload<T, Index>;
+  static constexpr bool unbiased = false;
+  static constexpr bool shared_support = false;
+
+  explicit hard_threshold(T tau) : tau_(tau) {
+    check_positive("gcomp::hard_threshold", "tau", tau);
+  }
+
+  template <class Policy>
+  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
+    constexpr std::string_view where = "gcomp::hard_threshold::compress";
+    const std::size_t n = gradient.size();
+    detail::check_threshold_index_type<Index>(where, n);
+    bool overflow = false;
+    // For finite g and tau > 0, |g| >= tau exactly when key(g) >= key(tau).
+    const std::size_t count = selector_.gather_at_least(
+        policy, gradient, detail::magnitude_bits<T>::key(tau_), 0, 0, where, overflow);
+    message.dimension = n;
+    message.indices.resize(count);
+    message.data.resize(count);
+    selector_.emit_gathered(policy, 0, message.indices.data(), message.data.data());
+    last_fraction_ = n == 0 ? 0.0 : static_cast<double>(count) / static_cast<double>(n);
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    detail::checked_scatter_add(policy, "gcomp::hard_threshold::decompress_add", message, out, scale);
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// The kept count depends on the data, so this reports the kept fraction of
+  /// the last compressed gradient (0 before the first): header bits / n +
+  /// fraction * (index + value bits).
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    return 8.0 * static_cast<double>(wire::header_bytes + 8) / static_cast<double>(n) +
+           last_fraction_ * 8.0 * static_cast<double>(sizeof(Index) + sizeof(T));
+  }
+
+  T tau() const { return tau_; }
+
+ private:
+  T tau_;
+  double last_fraction_ = 0.0;
+  detail::magnitude_selector<T> selector_;
+};
+
+/// Options of sampled_topk. Exactly one of k and ratio is set, as for top-k.
+struct sampled_topk_options {
+  std::size_t k = 0;            // elements kept (k > n throws)
+  double ratio = 0.0;           // or a fraction, rounded to nearest, at least 1
+  double sample_ratio = 0.01;   // fraction of g sampled to estimate the threshold (DGC: 0.1% to 1%)
+  std::size_t min_sample = 1024;  // but at least this many samples (all of g if it is smaller)
+  double tolerance = 0.25;      // a count in [k, floor((1 + tolerance) k)] is accepted as it is
+};
+
+/// Deep Gradient Compression's top-k by a sampled threshold: the k-th
+/// largest magnitude is estimated from a random sample of g (drawn from the
+/// key, so it is reproducible and thread-count independent), and every
+/// element at or above the estimate is kept. DGC corrects a bad estimate;
+/// so does this, exactly:
+///  - count in [k, floor((1 + tolerance) k)]: kept as it is (accepted);
+///  - more: the exact top-k of the selected elements, which is the exact
+///    top-k of g (trimmed);
+///  - fewer than k (or the gathered set grew past 4 (1 + tolerance) k + 4096):
+///    an exact top-k of g (exact).
+/// Guarantee: the kept count is always in [k, floor((1 + tolerance) k)], and
+/// the kept set always contains the exact top-k (ties to the lower index),
+/// so the contraction bound of top-k with delta = k / n holds. The sample is
+/// taken at sample rank (1 + tolerance / 2) k s / n so the estimate lands in
+/// the middle of the accepted band; on N(0,1) data with s k / n ~ 100
+/// about 80% of steps are accepted (tests/test_threshold_topk.cpp measures it).
+/// Non-finite gradients are rejected (gcomp::error naming the first index,
+/// payload unchanged).
+template <class T = float, class Index = std::uint32_t>
+class sampled_topk {
+ public:
+  using value_type = T;
+  using index_type = Index;
+  using payload = sparse_payload<T, Index>;
+  static constexpr bool unbiased = false;
+  static constexpr bool shared_support = false;
+
+  /// How the last compress reached its result.
+  enum class outcome { accepted, trimmed, exact };
+
+  explicit sampled_topk(sampled_topk_options options) : options_(options) {
+    constexpr std::string_view where = "gcomp::sampled_topk";
+    if (options.k == 0 && options.ratio == 0.0) fail(where, "set k > 0 or ratio in (0, 1]; both are 0");
+    if (options.k != 0 && options.ratio != 0.0)
+      fail(where, "set either k (", options.k, ") or ratio (", options.ratio, "), not both");
+    if (options.k == 0 && !(options.ratio > 0.0 && options.ratio <= 1.0))
+      fail(where, "ratio must be in (0, 1], got ", options.ratio);
+    if (!(options.sample_ratio > 0.0 && options.sample_ratio <= 1.0))
+      fail(where, "sample_ratio must be in (0, 1], got ", options.sample_ratio);
+    check_positive(where, "min_sample", options.min_sample);
+    check_non_negative(where, "tolerance", options.tolerance);
+  }
+
+  /// Elements top-k would keep of an n-element gradient: the lower end of
+  /// the kept count (throws if k > n).
+  std::size_t kept(std::size_t n) const {
+    if (options_.k != 0) {
+      if (options_.k > n) fail("gcomp::sampled_topk::kept", "k = ", options_.k, " exceeds the gradient size ", n);
+      return options_.k;
+    }
+    if (n == 0) return 0;
+    const double wanted = std::round(options_.ratio * static_cast<double>(n));
+    return static_cast<std::size_t>(std::clamp(wanted, 1.0, static_cast<double>(n)));
+  }
+
+  /// The upper end of the kept count: floor((1 + tolerance) k), at most n.
+  std::size_t max_kept(std::size_t n) const {
+    const std::size_t k = kept(n);
+    const auto upper = static_cast<std::size_t>(
+        std::floor((1.0 + options_.tolerance) * static_cast<double>(k)));
+    return std::min(n, std::max(k, upper));
+  }
+
+  template <class Policy>
+  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    constexpr std::string_view where = "gcomp::sampled_topk::compress";
+    using bits = detail::magnitude_bits<T>;
+    const std::size_t n = gradient.size();
+    detail::check_threshold_index_type<Index>(where, n);
+    const std::size_t k = kept(n);
+    const std::size_t upper = max_kept(n);
+    const double wanted = std::ceil(options_.sample_ratio * static_cast<double>(n));
+    const std::size_t s = std::min(n, std::max(options_.min_sample, static_cast<std::size_t>(wanted)));
+    if (k == 0 || s == n) {  // nothing to estimate: select exactly
+      exact(policy, gradient, message, k, where);
+      return;
+    }
+    // Sample s magnitudes at indices drawn from the key: floor(u * n) with a
+    // 32-bit u is within 2^-32 n of uniform, plenty for an estimate.
+    sample_.resize(s);
+    const rng_key stream = key.fork(detail::sampled_topk_tag);
+    const T* g = gradient.data();
+    auto* out = sample_.data();
+    for_each_index(policy, s, [=](std::size_t j) {
+      const std::uint64_t at = (static_cast<std::uint64_t>(random_bits(stream, j)) * n) >> 32;
+      out[j] = bits::key(g[at]);
+    });
+    const double rank_wanted = std::ceil((1.0 + options_.tolerance / 2.0) * static_cast<double>(k) *
+                                         static_cast<double>(s) / static_cast<double>(n));
+    const std::size_t rank =
+        std::min(s - 1, static_cast<std::size_t>(std::max(1.0, rank_wanted)) - 1);
+    std::nth_element(sample_.begin(), sample_.begin() + static_cast<std::ptrdiff_t>(rank), sample_.end(),
+                     std::greater<typename bits::key_type>());
+    threshold_ = std::bit_cast<T>(std::min(sample_[rank], bits::infinity));
+    // Cap the gathered set so a useless estimate (e.g. all values equal)
+    // costs bounded memory before the exact path takes over.
+    const std::size_t cap = std::min(
+        n, static_cast<std::size_t>(4.0 * (1.0 + options_.tolerance) * static_cast<double>(k)) + 4096);
+    bool overflow = false;
+    const std::size_t count =
+        selector_.gather_at_least(policy, gradient, bits::key(threshold_), cap, 0, where, overflow);
+    if (overflow || count < k) {
+      exact(policy, gradient, message, k, where);
+      return;
+    }
+    if (count > upper) {
+      detail::write_sparse_in_place(message, n, k, [&](Index* indices, T* values) {
+        selector_.select_from_gathered(k, 0, indices, values);
+      });
+      last_ = outcome::trimmed;
+      return;
+    }
+    detail::write_sparse_in_place(message, n, count, [&](Index* indices, T* values) {
+      selector_.emit_gathered(policy, 0, indices, values);
+    });
+    last_ = outcome::accepted;
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    detail::checked_scatter_add(policy, "gcomp::sampled_topk::decompress_add", message, out, scale);
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Bits per element of the largest message: floor((1 + tolerance) k) pairs.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t bytes = wire::header_bytes + 8 + max_kept(n) * (sizeof(Index) + sizeof(T));
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const sampled_topk_options& options() const { return options_; }
+  /// How the last compress ended, and the threshold its sample gave.
+  outcome last_outcome() const { return last_; }
+  T last_threshold() const { return threshold_; }
+
+ private:
+  template <class Policy>
+  void exact(const Policy& policy, std::span<const T> gradient, payload& message, std::size_t k,
+             std::string_view where) {
+    detail::write_sparse_in_place(message, gradient.size(), k, [&](Index* indices, T* values) {
+      selector_.select_topk(policy, gradient, k, 0, indices, values, where);
+    });
+    last_ = outcome::exact;
+  }
+
+  sampled_topk_options options_;
+  detail::magnitude_selector<T> selector_;
+  std::vector<typename detail::magnitude_bits<T>::key_type> sample_;
+  T threshold_ = T(0);
+  outcome last_ = outcome::exact;
+};
+
+}  // namespace gcomp
