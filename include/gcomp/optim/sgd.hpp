@@ -1,4 +1,4 @@
-// Stochastic gradient descent with momentum, dampening, Nesterov and weight decay (PyTorch's semantics).
+// Stochastic gradient descent with momentum, dampening, Nesterov, weight decay (torch semantics).
 #pragma once
 
 #include <cmath>
@@ -8,8 +8,10 @@
 #include <vector>
 
 #include "gcomp/core/concepts.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
 
@@ -27,15 +29,17 @@ struct sgd_options {
 ///   d = d + momentum * b (Nesterov) or d = b
 ///   x = x - lr * d
 /// Layers switched off by the mask keep parameters and momentum untouched, and
-/// a layer's "first step" is its first active one.
+/// a layer's "first step" is its first active one. The learning rate of step
+/// t (t = completed step() calls, masked or not) is schedule(t); options.lr
+/// is the constant schedule used until set_schedule.
 template <class T = float>
 class sgd {
  public:
   using value_type = T;
 
-  explicit sgd(sgd_options options = {}) : options_(options) {
+  explicit sgd(sgd_options options = {})
+      : options_(options), schedule_(lr_schedule::constant(checked_lr(options.lr))) {
     constexpr std::string_view where = "gcomp::sgd";
-    check_non_negative(where, "lr", options.lr);
     check_in_half_open(where, "momentum", options.momentum, 0.0, 1.0);
     check_in_range(where, "dampening", options.dampening, 0.0, 1.0);
     check_non_negative(where, "weight_decay", options.weight_decay);
@@ -43,12 +47,26 @@ class sgd {
             "nesterov needs momentum > 0 and dampening == 0, got momentum ", options.momentum,
             " and dampening ", options.dampening);
   }
+  /// The learning rate follows `schedule` (options.lr is ignored).
+  sgd(sgd_options options, lr_schedule schedule) : sgd(options) { schedule_ = schedule; }
 
   const sgd_options& options() const { return options_; }
-  /// Changes the learning rate for the next steps (schedules call this).
+  /// Changes the learning rate for the next steps to a constant.
   void set_lr(double lr) {
     check_non_negative("gcomp::sgd::set_lr", "lr", lr);
     options_.lr = lr;
+    schedule_ = lr_schedule::constant(lr);
+  }
+  /// The learning rate of step t is schedule(t), t counting from this optimizer's first step.
+  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
+  const lr_schedule& schedule() const { return schedule_; }
+  /// Completed step() calls: the schedule's index for the next step.
+  std::uint64_t steps() const { return steps_; }
+  /// Forgets the momentum and the step count (e.g. to train another model).
+  void reset() {
+    momentum_.clear();
+    started_.clear();
+    steps_ = 0;
   }
 
   template <class Policy>
@@ -60,11 +78,19 @@ class sgd {
     if (!active.empty())
       check_same_size(where, "active", active.size(), "layout layers", lay.num_layers());
     const bool use_momentum = options_.momentum != 0.0;
-    if (use_momentum && momentum_.size() != params.size()) {
+    if (use_momentum && !momentum_.empty()) {
+      // The momentum belongs to one model; a different one is a caller's bug, not a fresh start.
+      check_same_size(where, "params", params.size(), "the momentum buffer (call reset() first)",
+                      momentum_.size());
+      check_same_size(where, "layout layers", lay.num_layers(),
+                      "the layers the momentum was built for (call reset() first)",
+                      started_.size());
+    }
+    if (use_momentum && momentum_.empty()) {
       momentum_.assign(params.size(), T(0));
       started_.assign(lay.num_layers(), 0);
     }
-    const T lr = static_cast<T>(options_.lr);
+    const T lr = static_cast<T>(schedule_(steps_));
     const T mu = static_cast<T>(options_.momentum);
     const T keep = static_cast<T>(1.0 - options_.dampening);
     const T wd = static_cast<T>(options_.weight_decay);
@@ -75,26 +101,35 @@ class sgd {
       const T* g = grads.data() + lay[d].offset;
       const std::size_t n = lay[d].size;
       if (!use_momentum) {
-        for_each_index(policy, n, [=](std::size_t i) { x[i] = x[i] - lr * (g[i] + wd * x[i]); });
+        for_each_index(policy, n,
+                       [=] GCOMP_HD(std::size_t i) { x[i] = x[i] - lr * (g[i] + wd * x[i]); });
         continue;
       }
       T* b = momentum_.data() + lay[d].offset;
       const bool first = started_[d] == 0;
       started_[d] = 1;
-      for_each_index(policy, n, [=](std::size_t i) {
+      for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
         const T step = g[i] + wd * x[i];
         const T buf = first ? step : mu * b[i] + keep * step;
         b[i] = buf;
         x[i] = x[i] - lr * (nesterov ? step + mu * buf : buf);
       });
     }
+    ++steps_;
   }
 
   /// The momentum buffer (empty until the first step with momentum).
   std::span<const T> momentum_buffer() const { return momentum_; }
 
  private:
+  static double checked_lr(double lr) {
+    check_non_negative("gcomp::sgd", "lr", lr);
+    return lr;
+  }
+
   sgd_options options_;
+  lr_schedule schedule_;
+  std::uint64_t steps_ = 0;
   std::vector<T> momentum_;
   std::vector<std::uint8_t> started_;  // per layer: has it taken a step yet
 };

@@ -1,0 +1,161 @@
+// Shared pieces of the cast, sign and 1-bit compressors: finiteness checks by index, group sums, 1-bit packing and payload validation.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string_view>
+#include <type_traits>
+#include <vector>
+
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+#include "gcomp/core/quantized_payload.hpp"
+#include "gcomp/exec/host.hpp"
+
+namespace gcomp::detail::sign_impl {
+
+/// Accumulator for sums of |g|: double for float (no overflow or visible
+/// rounding for any realistic n), T itself otherwise.
+template <class T>
+using sign_accumulator = std::conditional_t<(sizeof(T) < sizeof(double)), double, T>;
+
+/// Throws naming the first index i in [begin, end) with a non-finite g[i],
+/// if there is one (a slow path: only called once a sum said there is).
+template <class T>
+void throw_first_non_finite(std::string_view where, const T* g, std::size_t begin, std::size_t end) {
+  for (std::size_t i = begin; i < end; ++i)
+    if (!std::isfinite(g[i])) fail(where, "gradient[", i, "] = ", g[i], " is not finite");
+}
+
+/// Throws naming the first i with !(|g[i]| < limit) (so NaN, +-inf and, with
+/// a finite limit, overflowing values), calling describe(i) for the message.
+/// One vectorized or-reduction of a flag; the index is searched only on failure
+/// (the smallest, whatever the thread count).
+template <class Policy, class T, class Describe>
+void check_below(const Policy& policy, std::span<const T> g, T limit, Describe describe) {
+  const T* p = g.data();
+  const std::uint32_t bad = transform_reduce(
+      policy, g.size(), std::uint32_t(0), [](std::uint32_t a, std::uint32_t b) { return a | b; },
+      [=](std::size_t i) -> std::uint32_t {
+        const T x = p[i];
+        return (x < limit && x > -limit) ? 0u : 1u;
+      });
+  if (bad == 0) return;
+  for (std::size_t i = 0; i < g.size(); ++i)
+    if (!(g[i] < limit && g[i] > -limit)) describe(i);
+}
+
+/// The scale groups of a sign-like compressor: the layers of a layout, or one
+/// group [0, n) when there is none. Elements in gaps between layers belong to
+/// no group.
+struct sign_groups {
+  const layout* lay = nullptr;  // null: the whole buffer is one group
+  std::size_t n = 0;
+
+  std::size_t count() const { return lay ? lay->num_layers() : 1; }
+  std::size_t offset(std::size_t d) const { return lay ? (*lay)[d].offset : 0 * d; }
+  std::size_t size(std::size_t d) const { return lay ? (*lay)[d].size : n; }
+  bool has_gaps() const { return lay && lay->covered_size() != lay->total_size(); }
+};
+
+/// Per-group reduction: out[d] = reduce over transform(i), i in group d.
+template <class Policy, class R, class Reduce, class Transform>
+void reduce_groups(const Policy& policy, const sign_groups& groups, std::span<R> out, R identity,
+                   Reduce reduce, Transform transform) {
+  if (groups.lay)
+    reduce_per_layer(policy, *groups.lay, out, identity, reduce, transform);
+  else
+    out[0] = transform_reduce(policy, groups.n, identity, reduce, transform);
+}
+
+/// Writes words[w] for all w < word_count(n, 1): bit i is code(i) (0 or 1).
+/// Full words are built by a fixed 64-step loop the compiler vectorizes; the
+/// last partial word goes through quantized::assemble_word. Threads never
+/// share a word. Elements in gaps of `groups` are then cleared to 0.
+template <class Policy, class Code>
+void pack_bits(const Policy& policy, std::size_t n, std::uint64_t* words, Code code) {
+  const std::size_t full = n / 64;
+  const std::size_t total = quantized::word_count(n, 1);
+  for_each_index(policy, total, [=](std::size_t w) {
+    if (w < full) {
+      std::uint64_t word = 0;
+      const std::size_t base = w * 64;
+      for (unsigned j = 0; j < 64; ++j) word |= std::uint64_t(code(base + j)) << j;
+      words[w] = word;
+    } else {
+      words[w] = quantized::assemble_word(w, n, 1, code);
+    }
+  });
+}
+
+/// Clears bits [begin, end) of a 1-bit stream.
+inline void clear_bits(std::uint64_t* words, std::size_t begin, std::size_t end) {
+  while (begin < end) {
+    const std::size_t w = begin / 64;
+    const unsigned lo = static_cast<unsigned>(begin % 64);
+    const std::size_t stop = std::min(end, (w + 1) * 64);
+    const unsigned len = static_cast<unsigned>(stop - begin);
+    const std::uint64_t mask = len == 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << len) - 1) << lo;
+    words[w] &= ~mask;
+    begin = stop;
+  }
+}
+
+/// Number of set bits in [begin, end) of a 1-bit stream.
+inline std::size_t count_bits(const std::uint64_t* words, std::size_t begin, std::size_t end) {
+  std::size_t count = 0;
+  while (begin < end) {
+    const std::size_t w = begin / 64;
+    const unsigned lo = static_cast<unsigned>(begin % 64);
+    const std::size_t stop = std::min(end, (w + 1) * 64);
+    const unsigned len = static_cast<unsigned>(stop - begin);
+    const std::uint64_t mask = len == 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << len) - 1) << lo;
+    count += static_cast<std::size_t>(std::popcount(words[w] & mask));
+    begin = stop;
+  }
+  return count;
+}
+
+/// The gaps of a layout: [begin, end) ranges of the buffer outside every layer, in order.
+inline std::vector<std::pair<std::size_t, std::size_t>> layout_gaps(const layout& lay) {
+  std::vector<std::pair<std::size_t, std::size_t>> covered;
+  for (const layer& l : lay) covered.emplace_back(l.offset, l.offset + l.size);
+  std::sort(covered.begin(), covered.end());
+  std::vector<std::pair<std::size_t, std::size_t>> gaps;
+  std::size_t at = 0;
+  for (const auto& [b, e] : covered) {
+    if (b > at) gaps.emplace_back(at, b);
+    at = e;
+  }
+  return gaps;
+}
+
+/// Checks a 1-bit quantized payload against `out` and the compressor's groups
+/// (dimension, bits, bucket, number of scales, word count, finite scales) and
+/// that no bit is set in a gap. Throws before anything is written.
+template <class T>
+void check_one_bit_payload(std::string_view where, const quantized_payload<T>& m, std::size_t n,
+                           std::size_t expected_scales,
+                           std::span<const std::pair<std::size_t, std::size_t>> gaps) {
+  if (m.dimension != n)
+    fail(where, "message.dimension = ", m.dimension, " but out has size ", n, "; they must match");
+  if (m.bits != 1) fail(where, "message.bits = ", unsigned(m.bits), ", expected 1");
+  if (m.bucket != 0) fail(where, "message.bucket = ", m.bucket, ", expected 0 (one scale group per layer)");
+  check_same_size(where, "message.scales", m.scales.size(), "the scale groups", expected_scales);
+  check_same_size(where, "message.words", m.words.size(), "word_count(dimension, 1)",
+                  quantized::word_count(n, 1));
+  for (std::size_t j = 0; j < m.scales.size(); ++j)
+    if (!std::isfinite(m.scales[j]))
+      fail(where, "message.scales[", j, "] = ", m.scales[j], " is not finite");
+  for (const auto& [b, e] : gaps)
+    for (std::size_t i = b; i < e; ++i)
+      if (quantized::read_code(m.words.data(), i, 1) != 0)
+        fail(where, "message bit ", i, " is set but element ", i, " lies in a gap of the layout");
+}
+
+}  // namespace gcomp::detail::sign_impl

@@ -1,0 +1,149 @@
+// QSGD (Alistarh, Grubic, Li, Tomioka, Vojnovic, "QSGD: Communication-Efficient SGD via Gradient Quantization and Encoding", NeurIPS 2017): stochastic rounding to s levels of the bucket norm.
+#pragma once
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gcomp/compress/detail/quant_kernels.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/quantized_payload.hpp"
+#include "gcomp/core/random.hpp"
+#include "gcomp/core/wire.hpp"
+#include "gcomp/exec/host.hpp"
+
+namespace gcomp {
+
+struct qsgd_options {
+  unsigned levels = 7;       // s = 2^b - 1 with b in [1, 15]: 1, 3, 7, ..., 32767
+  std::size_t bucket = 512;  // elements per norm; 0: one norm over the whole buffer
+};
+
+/// Per bucket of d elements (the last one may be shorter) with norm
+/// ||g_bucket||_2, element i is sent as sign(g_i) and the level
+///   l_i = floor(s |g_i| / norm + u_i),   u_i uniform in [0, 1),
+/// so l_i is s |g_i| / norm rounded up with probability equal to its
+/// fractional part; it decodes to sign(g_i) * l_i * norm / s. Hence
+///   E[C(g)] = g   and   E||C(g)||^2 <= alpha ||g||^2,
+///   alpha = 1 + min(d / s^2, sqrt(d) / s)   (Alistarh et al., Lemma 3.1).
+/// Codes are b + 1 bits (level in the low b bits, sign in bit b, the sign is
+/// set only for a nonzero level); one T norm per bucket, rounded up so that
+/// |g_i| <= norm. u_i = uniform(key.fork(qsgd_tag), i): the payload is the
+/// same for every policy and thread count. Non-finite gradients are rejected
+/// (gcomp::error naming the first index) before anything is written.
+template <class T = float>
+class qsgd {
+ public:
+  using value_type = T;
+  using payload = quantized_payload<T>;
+  static constexpr bool unbiased = true;
+  static constexpr bool shared_support = false;
+
+  explicit qsgd(qsgd_options options) : options_(options) {
+    const unsigned s = options.levels;
+    require(s >= 1 && s <= 32767u && (s & (s + 1)) == 0, "gcomp::qsgd",
+            "options.levels = ", s, " must be 2^b - 1 with b in [1, 15] (1, 3, 7, ..., 32767)");
+    level_bits_ = static_cast<unsigned>(std::popcount(s));
+  }
+
+  /// Bits per element on the wire: b level bits and a sign bit.
+  unsigned bits() const { return level_bits_ + 1; }
+
+  /// alpha = 1 + min(d / s^2, sqrt(d) / s) with d the largest bucket of an
+  /// n-element input (min(bucket, n), or n with bucket == 0).
+  double alpha(std::size_t n) const {
+    const double d = static_cast<double>(options_.bucket == 0 ? n : std::min(options_.bucket, n));
+    const double s = static_cast<double>(options_.levels);
+    return 1.0 + std::min(d / (s * s), std::sqrt(d) / s);
+  }
+
+  template <class Policy>
+  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    constexpr std::string_view where = "gcomp::qsgd::compress";
+    const std::size_t n = gradient.size();
+    detail::quant_bucket_stats(policy, gradient, options_.bucket, detail::quant_stat::l2, norms_,
+                               where);  // throws before the message is touched
+    const unsigned b = level_bits_;
+    message.dimension = n;
+    message.bits = static_cast<std::uint8_t>(b + 1);
+    message.bucket = options_.bucket;
+    message.scales.assign(norms_.begin(), norms_.end());
+    message.words.resize(quantized::word_count(n, b + 1));
+    const T* g = gradient.data();
+    const T* norms = message.scales.data();
+    const std::size_t bucket = options_.bucket;
+    const T s = static_cast<T>(options_.levels);
+    detail::quant_pack(policy, n, b + 1, key.fork(detail::qsgd_tag), message.words.data(),
+                       [=](std::size_t first, std::size_t count, const std::uint32_t* random,
+                           std::uint32_t* codes) {
+                         detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                           std::size_t j1,
+                                                                           std::size_t k) {
+                           const T norm = norms[k];
+                           const T factor = norm > T(0) ? s / norm : T(0);
+                           for (std::size_t j = j0; j < j1; ++j) {
+                             const T v = g[first + j];
+                             const T r = std::min(std::fabs(v) * factor, s);
+                             const T low = std::floor(r);
+                             const T u = detail::unit_from_bits<T>(random[j]);
+                             const auto level = static_cast<std::uint32_t>(low) +
+                                                (u < r - low ? 1u : 0u);
+                             codes[j] = level | ((level != 0 && v < T(0)) ? (1u << b) : 0u);
+                           }
+                         });
+                       });
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    constexpr std::string_view where = "gcomp::qsgd::decompress_add";
+    const std::size_t n = out.size();
+    const std::size_t bucket = options_.bucket;
+    detail::check_quant_message(where, message, n, bits(), bucket,
+                                bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
+    // Every code is valid: a level is at most 2^b - 1 = s.
+    const unsigned b = level_bits_;
+    const std::uint32_t level_mask = (1u << b) - 1;
+    const T* norms = message.scales.data();
+    const T s = static_cast<T>(options_.levels);
+    T* o = out.data();
+    detail::quant_unpack(policy, n, b + 1, message.words.data(),
+                         [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
+                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                             std::size_t j1,
+                                                                             std::size_t k) {
+                             const T unit = norms[k] / s;
+                             for (std::size_t j = j0; j < j1; ++j) {
+                               const T v = static_cast<T>(codes[j] & level_mask) * unit;
+                               o[first + j] += scale * ((codes[j] >> b) != 0 ? -v : v);
+                             }
+                           });
+                         });
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Exactly 8 * encoded_size / n for an n-element input.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t scales =
+        options_.bucket == 0 ? 1 : quantized::bucket_count(n, options_.bucket);
+    const std::size_t bytes =
+        wire::header_bytes + 1 + 8 + 8 + scales * sizeof(T) + wire::packed_bytes(n, bits());
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const qsgd_options& options() const { return options_; }
+
+ private:
+  qsgd_options options_;
+  unsigned level_bits_ = 0;
+  std::vector<T> norms_;  // scratch: the norms before they are known to be finite
+};
+
+}  // namespace gcomp

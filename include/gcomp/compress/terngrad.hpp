@@ -1,0 +1,136 @@
+// TernGrad (Wen, Xu, Yan, Wu, Wang, Chen, Li, "TernGrad: Ternary Gradients to Reduce Communication in Distributed Deep Learning", NeurIPS 2017): stochastic ternarization {-s, 0, +s} with s the bucket's max |g|.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gcomp/compress/detail/quant_kernels.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/quantized_payload.hpp"
+#include "gcomp/core/random.hpp"
+#include "gcomp/core/wire.hpp"
+#include "gcomp/exec/host.hpp"
+
+namespace gcomp {
+
+struct terngrad_options {
+  std::size_t bucket = 512;  // elements per scale; 0: one scale over the whole buffer
+};
+
+/// Per bucket of d elements with s_t = max |g_i| over the bucket, element i is
+/// sent as the ternary b_i in {-1, 0, +1}:
+///   b_i = sign(g_i) with probability |g_i| / s_t, else 0,
+/// and decodes to s_t * b_i. Hence E[C(g)] = g, and per bucket
+///   E||C(g)||^2 = s_t ||g||_1 <= ||g||_inf sqrt(d) ||g||_2 <= sqrt(d) ||g||_2^2,
+/// so alpha = sqrt(d) (d = the largest bucket, min(bucket, n), or n with
+/// bucket == 0); the per-coordinate variance is s_t |g_i| - g_i^2.
+/// Codes are 2 bits: 0 -> 0, 1 -> +1, 2 -> -1 (3 is invalid); one T scale
+/// per bucket (exactly max |g_i|). The decision for element i is
+/// uniform(key.fork(terngrad_tag), i) < |g_i| / s_t, so the payload is the
+/// same for every policy and thread count. Non-finite gradients are rejected
+/// (gcomp::error naming the first index) before anything is written.
+template <class T = float>
+class terngrad {
+ public:
+  using value_type = T;
+  using payload = quantized_payload<T>;
+  static constexpr bool unbiased = true;
+  static constexpr bool shared_support = false;
+  static constexpr unsigned code_bits = 2;
+
+  terngrad() : terngrad(terngrad_options{}) {}
+  explicit terngrad(terngrad_options options) : options_(options) {}
+
+  unsigned bits() const { return code_bits; }
+
+  /// alpha = sqrt(d), d = min(bucket, n) (n with bucket == 0).
+  double alpha(std::size_t n) const {
+    const std::size_t d = options_.bucket == 0 ? n : std::min(options_.bucket, n);
+    return std::max(1.0, std::sqrt(static_cast<double>(d)));
+  }
+
+  template <class Policy>
+  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    constexpr std::string_view where = "gcomp::terngrad::compress";
+    const std::size_t n = gradient.size();
+    detail::quant_bucket_stats(policy, gradient, options_.bucket, detail::quant_stat::max_abs,
+                               scales_, where);  // throws before the message is touched
+    message.dimension = n;
+    message.bits = static_cast<std::uint8_t>(code_bits);
+    message.bucket = options_.bucket;
+    message.scales.assign(scales_.begin(), scales_.end());
+    message.words.resize(quantized::word_count(n, code_bits));
+    const T* g = gradient.data();
+    const T* scales = message.scales.data();
+    const std::size_t bucket = options_.bucket;
+    detail::quant_pack(policy, n, code_bits, key.fork(detail::terngrad_tag), message.words.data(),
+                       [=](std::size_t first, std::size_t count, const std::uint32_t* random,
+                           std::uint32_t* codes) {
+                         detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                           std::size_t j1,
+                                                                           std::size_t k) {
+                           const T st = scales[k];
+                           if (!(st > T(0))) {
+                             for (std::size_t j = j0; j < j1; ++j) codes[j] = 0;
+                             return;
+                           }
+                           for (std::size_t j = j0; j < j1; ++j) {
+                             const T v = g[first + j];
+                             // |v| <= st, so p <= 1, and p == 1 exactly when |v| == st.
+                             const T p = std::fabs(v) / st;
+                             const bool keep = detail::unit_from_bits<T>(random[j]) < p;
+                             codes[j] = keep ? (v < T(0) ? 2u : 1u) : 0u;
+                           }
+                         });
+                       });
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    constexpr std::string_view where = "gcomp::terngrad::decompress_add";
+    const std::size_t n = out.size();
+    const std::size_t bucket = options_.bucket;
+    detail::check_quant_message(where, message, n, code_bits, bucket,
+                                bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
+    const std::size_t bad = detail::quant_first_invalid(
+        policy, n, code_bits, message.words.data(), [](std::uint32_t c) { return c == 3u; });
+    if (bad != n) fail(where, "code ", bad, " is 3, which is no ternary value");
+    const T* scales = message.scales.data();
+    T* o = out.data();
+    detail::quant_unpack(policy, n, code_bits, message.words.data(),
+                         [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
+                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                             std::size_t j1,
+                                                                             std::size_t k) {
+                             const T v = scale * scales[k];
+                             for (std::size_t j = j0; j < j1; ++j)
+                               o[first + j] += codes[j] == 0 ? T(0) : (codes[j] == 1 ? v : -v);
+                           });
+                         });
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Exactly 8 * encoded_size / n for an n-element input.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t scales =
+        options_.bucket == 0 ? 1 : quantized::bucket_count(n, options_.bucket);
+    const std::size_t bytes =
+        wire::header_bytes + 1 + 8 + 8 + scales * sizeof(T) + wire::packed_bytes(n, code_bits);
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const terngrad_options& options() const { return options_; }
+
+ private:
+  terngrad_options options_;
+  std::vector<T> scales_;  // scratch: the scales before they are known to be finite
+};
+
+}  // namespace gcomp

@@ -1,0 +1,196 @@
+// Adam and AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019) with torch.optim semantics and masks.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/config.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+#include "gcomp/optim/schedule.hpp"
+
+namespace gcomp {
+
+struct adam_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;         // in [0, 1)
+  double beta2 = 0.999;       // in [0, 1)
+  double eps = 1e-8;          // > 0
+  double weight_decay = 0.0;  // >= 0: L2, added to the gradient as weight_decay * x
+  bool amsgrad = false;       // keep the running max of v and divide by it
+};
+
+/// AdamW's options: the same fields, torch's default decay of 1e-2, which is
+/// decoupled (applied to x directly, not through the moments).
+struct adamw_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double eps = 1e-8;
+  double weight_decay = 1e-2;
+  bool amsgrad = false;
+};
+
+namespace detail {
+
+/// The shared body of adam and adamw; `decoupled` chooses where the decay goes.
+/// Per element of an active layer d whose own step count becomes t_d:
+///   x = x * (1 - lr * wd)                    (AdamW only)
+///   g = g + wd * x                            (Adam only)
+///   m = beta1 * m + (1 - beta1) * g
+///   v = beta2 * v + (1 - beta2) * g * g
+///   vmax = max(vmax, v)                       (amsgrad; then v below means vmax)
+///   x = x - (lr / (1 - beta1^t_d)) * m / (sqrt(v) / sqrt(1 - beta2^t_d) + eps)
+/// which is torch 1.13's formula order. t_d counts the layer's active steps,
+/// so a layer the mask switches off keeps x, m, v and its bias correction as
+/// they were (JointSpar relies on this); lr is schedule(t) with t the
+/// optimizer's completed step() calls.
+template <class T, class Options, bool decoupled>
+class adam_base {
+ public:
+  using value_type = T;
+
+  explicit adam_base(Options o) : options_(o) {
+    const std::string_view where = name();
+    check_non_negative(where, "lr", o.lr);
+    check_in_half_open(where, "beta1", o.beta1, 0.0, 1.0);
+    check_in_half_open(where, "beta2", o.beta2, 0.0, 1.0);
+    check_positive(where, "eps", o.eps);
+    check_non_negative(where, "weight_decay", o.weight_decay);
+    schedule_ = lr_schedule::constant(o.lr);
+  }
+  adam_base(Options o, lr_schedule schedule) : adam_base(o) { schedule_ = schedule; }
+
+  const Options& options() const { return options_; }
+  /// Changes the learning rate for the next steps to a constant.
+  void set_lr(double lr) {
+    check_non_negative(decoupled ? "gcomp::adamw::set_lr" : "gcomp::adam::set_lr", "lr", lr);
+    options_.lr = lr;
+    schedule_ = lr_schedule::constant(lr);
+  }
+  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
+  const lr_schedule& schedule() const { return schedule_; }
+  /// Completed step() calls: the schedule's index for the next step.
+  std::uint64_t steps() const { return steps_; }
+  /// Active steps layer d has taken: its bias-correction exponent.
+  std::uint64_t layer_steps(std::size_t d) const {
+    return d < layer_steps_.size() ? layer_steps_[d] : 0;
+  }
+  /// Forgets the moments and every step count.
+  void reset() {
+    exp_avg_.clear();
+    exp_avg_sq_.clear();
+    max_exp_avg_sq_.clear();
+    layer_steps_.clear();
+    steps_ = 0;
+  }
+
+  template <class Policy>
+  void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
+            layer_mask active = {}) {
+    const std::string_view where = decoupled ? "gcomp::adamw::step" : "gcomp::adam::step";
+    lay.check_buffer(where, "params", params.size());
+    check_same_size(where, "grads", grads.size(), "params", params.size());
+    const std::size_t layers = lay.num_layers();
+    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
+    if (!layer_steps_.empty()) {
+      check_same_size(where, "params", params.size(),
+                      "the moments built at the first step (call reset() first)", exp_avg_.size());
+      check_same_size(where, "layout layers", layers,
+                      "the layers the moments were built for (call reset() first)",
+                      layer_steps_.size());
+    }
+    if (layer_steps_.empty()) {  // first step: the state is allocated here, once
+      exp_avg_.assign(params.size(), T(0));
+      exp_avg_sq_.assign(params.size(), T(0));
+      if (options_.amsgrad) max_exp_avg_sq_.assign(params.size(), T(0));
+      layer_steps_.assign(layers, 0);
+    }
+
+    const double lr = schedule_(steps_);
+    const T b1 = static_cast<T>(options_.beta1);
+    const T b2 = static_cast<T>(options_.beta2);
+    const T one_minus_b1 = static_cast<T>(1.0 - options_.beta1);
+    const T one_minus_b2 = static_cast<T>(1.0 - options_.beta2);
+    const T eps = static_cast<T>(options_.eps);
+    // Adam folds the decay into g; AdamW shrinks x first (decay = 1 - lr * wd).
+    const T l2 = static_cast<T>(decoupled ? 0.0 : options_.weight_decay);
+    const T shrink = static_cast<T>(decoupled ? 1.0 - lr * options_.weight_decay : 1.0);
+    const bool amsgrad = options_.amsgrad;
+    for (std::size_t d = 0; d < layers; ++d) {
+      if (!active.empty() && active[d] == 0) continue;
+      const auto t = static_cast<double>(++layer_steps_[d]);
+      const double bias_correction1 = 1.0 - std::pow(options_.beta1, t);
+      const double bias_correction2 = 1.0 - std::pow(options_.beta2, t);
+      const T neg_step_size = static_cast<T>(-lr / bias_correction1);
+      const T sqrt_bc2 = static_cast<T>(std::sqrt(bias_correction2));
+      const std::size_t offset = lay[d].offset;
+      T* x = params.data() + offset;
+      const T* g = grads.data() + offset;
+      T* m = exp_avg_.data() + offset;
+      T* v = exp_avg_sq_.data() + offset;
+      T* vmax = amsgrad ? max_exp_avg_sq_.data() + offset : nullptr;
+      for_each_index(policy, lay[d].size, [=] GCOMP_HD(std::size_t i) {
+        const T xi = decoupled ? x[i] * shrink : x[i];
+        const T gi = decoupled ? g[i] : g[i] + l2 * xi;
+        const T mi = m[i] * b1 + one_minus_b1 * gi;
+        T vi = v[i] * b2 + one_minus_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        if (amsgrad) {
+          vi = vmax[i] < vi ? vi : vmax[i];
+          vmax[i] = vi;
+        }
+        const T denom = std::sqrt(vi) / sqrt_bc2 + eps;
+        x[i] = xi + neg_step_size * mi / denom;  // torch's addcdiv order
+      });
+    }
+    ++steps_;
+  }
+
+  /// m, v and (amsgrad) max v: empty until the first step.
+  std::span<const T> exp_avg() const { return exp_avg_; }
+  std::span<const T> exp_avg_sq() const { return exp_avg_sq_; }
+  std::span<const T> max_exp_avg_sq() const { return max_exp_avg_sq_; }
+
+ private:
+  static constexpr std::string_view name() { return decoupled ? "gcomp::adamw" : "gcomp::adam"; }
+
+  Options options_;
+  lr_schedule schedule_ = lr_schedule::constant(0.0);
+  std::uint64_t steps_ = 0;
+  std::vector<T> exp_avg_;
+  std::vector<T> exp_avg_sq_;
+  std::vector<T> max_exp_avg_sq_;
+  std::vector<std::uint64_t> layer_steps_;
+};
+
+}  // namespace detail
+
+/// Adam with L2 weight decay folded into the gradient (torch.optim.Adam).
+template <class T = float>
+class adam : public detail::adam_base<T, adam_options, false> {
+ public:
+  explicit adam(adam_options options = {}) : detail::adam_base<T, adam_options, false>(options) {}
+  /// The learning rate follows `schedule` (options.lr is ignored).
+  adam(adam_options options, lr_schedule schedule)
+      : detail::adam_base<T, adam_options, false>(options, schedule) {}
+};
+
+/// AdamW: decoupled weight decay, x *= 1 - lr * weight_decay before the Adam
+/// step (torch.optim.AdamW).
+template <class T = float>
+class adamw : public detail::adam_base<T, adamw_options, true> {
+ public:
+  explicit adamw(adamw_options options = {}) : detail::adam_base<T, adamw_options, true>(options) {}
+  /// The learning rate follows `schedule` (options.lr is ignored).
+  adamw(adamw_options options, lr_schedule schedule)
+      : detail::adam_base<T, adamw_options, true>(options, schedule) {}
+};
+
+}  // namespace gcomp

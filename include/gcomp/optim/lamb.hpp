@@ -1,0 +1,207 @@
+// LAMB, layer-wise adaptive moments (You et al. 2019, Large Batch Optimization, Algorithm 2).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/config.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+#include "gcomp/optim/schedule.hpp"
+
+namespace gcomp {
+
+struct lamb_options {
+  double lr = 1e-3;
+  double beta1 = 0.9;          // in [0, 1)
+  double beta2 = 0.999;        // in [0, 1)
+  double eps = 1e-6;           // > 0
+  double weight_decay = 0.01;  // lambda, >= 0, decoupled: added to the update as lambda * x
+  /// phi(z) = min(max(z, min_trust), max_trust), the paper's optional clip of
+  /// ||x||; the defaults make phi the identity.
+  double min_trust = 0.0;
+  double max_trust = std::numeric_limits<double>::infinity();
+  /// Layers for which exclude(layer) is true (biases, normalization layers)
+  /// take the plain Adam direction: ratio 1, no weight decay.
+  std::function<bool(const layer&)> exclude = nullptr;
+};
+
+namespace detail {
+
+/// One element of LAMB's update direction, shared by the norm pass and the
+/// update pass so both see the same u.
+template <class T>
+struct lamb_direction {
+  T b1, one_minus_b1, b2, one_minus_b2;
+  T inv_bc1, inv_bc2;  // 1 / (1 - beta^t) of the layer's own t
+  T eps, wd;
+  GCOMP_HD T operator()(T x, T g, T& m, T& v) const {
+    m = b1 * m + one_minus_b1 * g;
+    v = b2 * v + one_minus_b2 * g * g;
+    return (m * inv_bc1) / (std::sqrt(v * inv_bc2) + eps) + wd * x;
+  }
+};
+
+}  // namespace detail
+
+/// Per active layer d whose own step count becomes t_d (You et al. 2019, Algorithm 2):
+///   m = beta1 * m + (1 - beta1) * g,  v = beta2 * v + (1 - beta2) * g^2
+///   r = (m / (1 - beta1^t_d)) / (sqrt(v / (1 - beta2^t_d)) + eps)
+///   u = r + lambda * x
+///   x = x - lr * phi(||x_d||) / ||u_d|| * u
+/// The ratio is 1 when ||x_d|| == 0 or ||u_d|| == 0 (as the reference
+/// implementations do) and for excluded layers, which also take lambda = 0.
+/// Two passes per layer: a fixed-order reduction of ||x_d||^2 and ||u_d||^2
+/// (u computed, not stored), then a fused pass that recomputes u and writes
+/// m, v, x; no temporaries. Masked-off layers keep x, m, v and t_d untouched.
+/// lr is schedule(t), t = completed step() calls.
+template <class T = float>
+class lamb {
+ public:
+  using value_type = T;
+
+  explicit lamb(lamb_options options = {}) : options_(std::move(options)) {
+    constexpr std::string_view where = "gcomp::lamb";
+    check_non_negative(where, "lr", options_.lr);
+    check_in_half_open(where, "beta1", options_.beta1, 0.0, 1.0);
+    check_in_half_open(where, "beta2", options_.beta2, 0.0, 1.0);
+    check_positive(where, "eps", options_.eps);
+    check_non_negative(where, "weight_decay", options_.weight_decay);
+    check_non_negative(where, "min_trust", options_.min_trust);
+    require(options_.max_trust > 0 && options_.max_trust >= options_.min_trust, where,
+            "max_trust must be > 0 and >= min_trust (", options_.min_trust, "), got ",
+            options_.max_trust);
+    schedule_ = lr_schedule::constant(options_.lr);
+  }
+  /// The learning rate follows `schedule` (options.lr is ignored).
+  lamb(lamb_options options, lr_schedule schedule) : lamb(std::move(options)) {
+    schedule_ = schedule;
+  }
+
+  const lamb_options& options() const { return options_; }
+  void set_lr(double lr) {
+    check_non_negative("gcomp::lamb::set_lr", "lr", lr);
+    options_.lr = lr;
+    schedule_ = lr_schedule::constant(lr);
+  }
+  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
+  const lr_schedule& schedule() const { return schedule_; }
+  std::uint64_t steps() const { return steps_; }
+  /// Active steps layer d has taken: its bias-correction exponent.
+  std::uint64_t layer_steps(std::size_t d) const {
+    return d < layer_steps_.size() ? layer_steps_[d] : 0;
+  }
+  void reset() {
+    exp_avg_.clear();
+    exp_avg_sq_.clear();
+    layer_steps_.clear();
+    ratios_.clear();
+    steps_ = 0;
+  }
+
+  template <class Policy>
+  void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
+            layer_mask active = {}) {
+    constexpr std::string_view where = "gcomp::lamb::step";
+    lay.check_buffer(where, "params", params.size());
+    check_same_size(where, "grads", grads.size(), "params", params.size());
+    const std::size_t layers = lay.num_layers();
+    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
+    if (!layer_steps_.empty()) {
+      check_same_size(where, "params", params.size(),
+                      "the moments built at the first step (call reset() first)", exp_avg_.size());
+      check_same_size(where, "layout layers", layers,
+                      "the layers the moments were built for (call reset() first)",
+                      layer_steps_.size());
+    }
+    if (layer_steps_.empty()) {  // first step: the state is allocated here, once
+      exp_avg_.assign(params.size(), T(0));
+      exp_avg_sq_.assign(params.size(), T(0));
+      layer_steps_.assign(layers, 0);
+      ratios_.assign(layers, 1.0);
+    }
+
+    const double lr = schedule_(steps_);
+    for (std::size_t d = 0; d < layers; ++d) {
+      if (!active.empty() && active[d] == 0) continue;
+      const bool excluded = options_.exclude && options_.exclude(lay[d]);
+      const auto t = static_cast<double>(++layer_steps_[d]);
+      const detail::lamb_direction<T> direction{
+          static_cast<T>(options_.beta1),
+          static_cast<T>(1.0 - options_.beta1),
+          static_cast<T>(options_.beta2),
+          static_cast<T>(1.0 - options_.beta2),
+          static_cast<T>(1.0 / (1.0 - std::pow(options_.beta1, t))),
+          static_cast<T>(1.0 / (1.0 - std::pow(options_.beta2, t))),
+          static_cast<T>(options_.eps),
+          static_cast<T>(excluded ? 0.0 : options_.weight_decay)};
+      const std::size_t offset = lay[d].offset;
+      const std::size_t n = lay[d].size;
+      T* x = params.data() + offset;
+      const T* g = grads.data() + offset;
+      T* m = exp_avg_.data() + offset;
+      T* v = exp_avg_sq_.data() + offset;
+
+      double ratio = 1.0;
+      if (!excluded) {  // excluded layers skip the norm pass altogether
+        const sums s = transform_reduce(policy, n, sums{}, add_sums{}, [=] GCOMP_HD(std::size_t i) {
+          T mi = m[i], vi = v[i];
+          const T u = direction(x[i], g[i], mi, vi);
+          const acc xi = x[i], ui = u;
+          return sums{xi * xi, ui * ui};
+        });
+        const double x_norm = std::sqrt(static_cast<double>(s.x));
+        const double u_norm = std::sqrt(static_cast<double>(s.u));
+        const double phi = std::min(std::max(x_norm, options_.min_trust), options_.max_trust);
+        if (x_norm > 0.0 && u_norm > 0.0) ratio = phi / u_norm;
+      }
+      ratios_[d] = ratio;
+      const T neg_scale = static_cast<T>(-lr * ratio);
+      for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
+        T mi = m[i], vi = v[i];
+        const T u = direction(x[i], g[i], mi, vi);
+        m[i] = mi;
+        v[i] = vi;
+        x[i] = x[i] + neg_scale * u;
+      });
+    }
+    ++steps_;
+  }
+
+  std::span<const T> exp_avg() const { return exp_avg_; }
+  std::span<const T> exp_avg_sq() const { return exp_avg_sq_; }
+  /// phi(||x_d||) / ||u_d|| of each layer's last active step (1 before it or when excluded).
+  std::span<const double> trust_ratios() const { return ratios_; }
+
+ private:
+  // Sums of squares of x and u over a layer, reduced together in one pass.
+  // Accumulated in double for float data: as exact as the layer allows, and
+  // the four independent double lanes per pair reduce faster than the two float ones.
+  using acc = std::conditional_t<(sizeof(T) < sizeof(double)), double, T>;
+  struct sums {
+    acc x = acc(0);
+    acc u = acc(0);
+  };
+  struct add_sums {
+    GCOMP_HD sums operator()(sums a, sums b) const { return sums{a.x + b.x, a.u + b.u}; }
+  };
+
+  lamb_options options_;
+  lr_schedule schedule_ = lr_schedule::constant(0.0);
+  std::uint64_t steps_ = 0;
+  std::vector<T> exp_avg_;
+  std::vector<T> exp_avg_sq_;
+  std::vector<std::uint64_t> layer_steps_;
+  std::vector<double> ratios_;
+};
+
+}  // namespace gcomp

@@ -1,0 +1,182 @@
+// LARS, layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017); JointSpar-LARS uses it.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/config.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+#include "gcomp/optim/schedule.hpp"
+
+namespace gcomp {
+
+struct lars_options {
+  double lr = 0.1;                  // gamma_t, the global rate (or a schedule)
+  double momentum = 0.9;            // mu, in [0, 1)
+  double weight_decay = 5e-4;       // beta, >= 0
+  double trust_coefficient = 1e-3;  // eta_L, > 0
+  /// Layers for which exclude(layer) is true (typically biases and
+  /// normalization layers) take the plain momentum step: ratio 1, no weight
+  /// decay. Empty: every layer is scaled.
+  std::function<bool(const layer&)> exclude = nullptr;
+};
+
+/// Per layer d, as in You et al. 2017 (Algorithm 1) and ALGORITHMS.md section 1:
+///   lambda_d = eta_L * ||x_d|| / (||g_d|| + beta * ||x_d||)
+///   v_d <- mu * v_d + gamma_t * lambda_d * (g_d + beta * x_d)
+///   x_d <- x_d - v_d
+/// lambda_d = 1 when ||x_d|| == 0 or ||g_d|| == 0 (a fresh zero-initialized
+/// layer, or a layer without gradient, would otherwise get ratio 0 or
+/// eta_L / beta), as torchlars and NVIDIA's LARS do, and for excluded layers,
+/// which also take beta = 0.
+/// The norms come from one fixed-order reduction per layer (bitwise the same
+/// for any thread count), then one fused pass per layer updates v and x.
+/// Layers switched off by the mask keep x and v untouched and are not read.
+/// v starts at 0. The rate of step t (completed step() calls) is schedule(t);
+/// options.lr is the constant schedule used until set_schedule.
+template <class T = float>
+class lars {
+ public:
+  using value_type = T;
+
+  explicit lars(lars_options options = {}) : options_(std::move(options)) {
+    constexpr std::string_view where = "gcomp::lars";
+    check_non_negative(where, "lr", options_.lr);
+    check_in_half_open(where, "momentum", options_.momentum, 0.0, 1.0);
+    check_non_negative(where, "weight_decay", options_.weight_decay);
+    check_positive(where, "trust_coefficient", options_.trust_coefficient);
+    schedule_ = lr_schedule::constant(options_.lr);
+  }
+  /// The rate gamma_t follows `schedule` (options.lr is ignored).
+  lars(lars_options options, lr_schedule schedule) : lars(std::move(options)) {
+    schedule_ = schedule;
+  }
+
+  const lars_options& options() const { return options_; }
+  /// Changes gamma for the next steps to a constant.
+  void set_lr(double lr) {
+    check_non_negative("gcomp::lars::set_lr", "lr", lr);
+    options_.lr = lr;
+    schedule_ = lr_schedule::constant(lr);
+  }
+  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
+  const lr_schedule& schedule() const { return schedule_; }
+  std::uint64_t steps() const { return steps_; }
+  /// Forgets the momentum and the step count.
+  void reset() {
+    momentum_.clear();
+    norms_.clear();
+    ratios_.clear();
+    steps_ = 0;
+  }
+
+  template <class Policy>
+  void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
+            layer_mask active = {}) {
+    constexpr std::string_view where = "gcomp::lars::step";
+    lay.check_buffer(where, "params", params.size());
+    check_same_size(where, "grads", grads.size(), "params", params.size());
+    const std::size_t layers = lay.num_layers();
+    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
+    if (!ratios_.empty()) {
+      check_same_size(where, "params", params.size(),
+                      "the state built at the first step (call reset() first)", state_size_);
+      check_same_size(where, "layout layers", layers,
+                      "the layers the state was built for (call reset() first)", ratios_.size());
+    }
+    const bool use_momentum = options_.momentum != 0.0;
+    if (ratios_.empty()) {  // first step: every buffer is allocated here, once
+      if (use_momentum) momentum_.assign(params.size(), T(0));
+      norms_.assign(layers, sums{});
+      ratios_.assign(layers, 1.0);
+      state_size_ = params.size();
+    }
+
+    // Squared norms of x_d and g_d, read together in one pass per layer.
+    const T* x_all = params.data();
+    const T* g_all = grads.data();
+    auto squares = [=] GCOMP_HD(std::size_t i) {
+      const acc xi = x_all[i], gi = g_all[i];
+      return sums{xi * xi, gi * gi};
+    };
+    if (active.empty()) {
+      reduce_per_layer(policy, lay, std::span<sums>(norms_), sums{}, add_sums{}, squares);
+    } else {
+      // Inactive layers are not read at all; each active layer's sums are
+      // bitwise those reduce_per_layer would give.
+      for (std::size_t d = 0; d < layers; ++d) {
+        if (active[d] == 0) continue;
+        const std::size_t offset = lay[d].offset;
+        norms_[d] = transform_reduce(policy, lay[d].size, sums{}, add_sums{},
+                                     [=] GCOMP_HD(std::size_t i) { return squares(offset + i); });
+      }
+    }
+
+    const double gamma = schedule_(steps_);
+    const T mu = static_cast<T>(options_.momentum);
+    for (std::size_t d = 0; d < layers; ++d) {
+      if (!active.empty() && active[d] == 0) continue;
+      const bool excluded = options_.exclude && options_.exclude(lay[d]);
+      const double beta = excluded ? 0.0 : options_.weight_decay;
+      const double x_norm = std::sqrt(static_cast<double>(norms_[d].x));
+      const double g_norm = std::sqrt(static_cast<double>(norms_[d].g));
+      const double ratio = excluded || x_norm == 0.0 || g_norm == 0.0
+                               ? 1.0
+                               : options_.trust_coefficient * x_norm / (g_norm + beta * x_norm);
+      ratios_[d] = ratio;
+      const T scale = static_cast<T>(gamma * ratio);
+      const T wd = static_cast<T>(beta);
+      T* x = params.data() + lay[d].offset;
+      const T* g = grads.data() + lay[d].offset;
+      const std::size_t n = lay[d].size;
+      if (!use_momentum) {
+        for_each_index(policy, n,
+                       [=] GCOMP_HD(std::size_t i) { x[i] = x[i] - scale * (g[i] + wd * x[i]); });
+        continue;
+      }
+      T* v = momentum_.data() + lay[d].offset;
+      for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
+        const T vi = mu * v[i] + scale * (g[i] + wd * x[i]);
+        v[i] = vi;
+        x[i] = x[i] - vi;
+      });
+    }
+    ++steps_;
+  }
+
+  /// v (empty until the first step, and always with momentum == 0).
+  std::span<const T> momentum_buffer() const { return momentum_; }
+  /// lambda_d of each layer's last active step (1 before it; empty before the first step).
+  std::span<const double> trust_ratios() const { return ratios_; }
+
+ private:
+  // Sums of squares of x and g over a layer, reduced together so each layer is read once.
+  // Accumulated in double for float data: as exact as the layer allows, and
+  // the four independent double lanes per pair reduce faster than the two float ones.
+  using acc = std::conditional_t<(sizeof(T) < sizeof(double)), double, T>;
+  struct sums {
+    acc x = acc(0);
+    acc g = acc(0);
+  };
+  struct add_sums {
+    GCOMP_HD sums operator()(sums a, sums b) const { return sums{a.x + b.x, a.g + b.g}; }
+  };
+
+  lars_options options_;
+  lr_schedule schedule_ = lr_schedule::constant(0.0);
+  std::uint64_t steps_ = 0;
+  std::size_t state_size_ = 0;
+  std::vector<T> momentum_;
+  std::vector<sums> norms_;
+  std::vector<double> ratios_;
+};
+
+}  // namespace gcomp
