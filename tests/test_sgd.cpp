@@ -110,3 +110,19 @@ TEST_CASE("sgd rejects bad hyper-parameters and mismatched buffers") {
   CHECK(x == std::vector<float>(6, 1.0f));  // nothing was touched by the failed calls
   CHECK_THROWS_AS(opt.set_lr(-1.0), gcomp::error);
 }
+
+TEST_CASE("sgd refuses a different model after its first step until reset") {
+  gcomp::sgd<float> opt({.lr = 0.1, .momentum = 0.9});
+  std::vector<float> x(8, 1.0f);
+  const std::vector<float> g(8, 1.0f);
+  opt.step(gcomp::host_seq{}, gcomp::layout{8}, std::span<float>(x), std::span<const float>(g));
+  const auto after = x;
+  CHECK_THROWS_AS(opt.step(gcomp::host_seq{}, gcomp::layout{4, 4}, std::span<float>(x),
+                           std::span<const float>(g)),
+                  gcomp::error);
+  CHECK(x == after);
+  opt.reset();
+  opt.step(gcomp::host_seq{}, gcomp::layout{4, 4}, std::span<float>(x), std::span<const float>(g));
+  CHECK(opt.steps() == 1);
+  CHECK(x[0] == doctest::Approx(after[0] - 0.1f));  // a first step again: no momentum carried over
+}
