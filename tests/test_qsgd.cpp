@@ -295,3 +295,45 @@ TEST_CASE("QSGD rejects bad options and bad input before writing anything") {
   CHECK(out == std::vector<float>(10, 1.0f));
   CHECK(small == std::vector<float>(9, 1.0f));
 }
+
+TEST_CASE("QSGD codes buckets with a subnormal norm correctly (s / norm would overflow)") {
+  // Bucket 0 holds subnormal floats and zeros: its norm is about 1.3e-40, and
+  // 7 / norm is not a float. Bucket 1 is ordinary and must be unaffected.
+  const std::vector<float> x = {1e-40f, 0.0f, -5e-41f, 0.0f, 3.0f, 0.0f, -4.0f, 0.0f};
+  for (unsigned levels : {1u, 7u, 32767u}) {
+    CAPTURE(levels);
+    gcomp::qsgd<float> c({.levels = levels, .bucket = 4});
+    gcomp::quantized_payload<float> m;
+    const int draws = 4000;
+    std::vector<double> mean(x.size(), 0.0);
+    for (int t = 0; t < draws; ++t) {
+      c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{9, std::uint64_t(t), 0});
+      const auto y = decompressed(c, m, x.size());
+      const float norm = m.scales[0];
+      for (std::size_t i = 0; i < x.size(); ++i) {
+        REQUIRE(std::isfinite(y[i]));
+        const std::uint32_t code = gcomp::quantized::read_code(m.words.data(), i, m.bits);
+        REQUIRE((code & ((1u << (m.bits - 1)) - 1)) <= levels);  // a level, never garbage
+        if (x[i] == 0.0f) REQUIRE(y[i] == 0.0f);                 // zeros stay zero
+        if (i < 4 && x[i] != 0.0f) REQUIRE(std::fabs(y[i]) <= 1.0001f * norm);
+        mean[i] += y[i];
+      }
+    }
+    // Unbiased on the subnormal bucket up to the decoder's rounding: |mean - x|
+    // within 5 sigma, sigma <= norm / (2 sqrt(draws)) per coordinate (a
+    // two-point law on one level step of norm / s <= norm; false-failure
+    // chance < 6e-7 per coordinate), plus the bias of decoding l * (norm / s)
+    // in float: norm / s and the product each round by at most 2^-150 in the
+    // subnormal range, so at most (s + 1) 2^-150.
+    const double norm = std::sqrt(1e-80 + 25e-82);
+    const double rounding = (double(levels) + 1.0) * std::ldexp(1.0, -150);
+    for (std::size_t i : {0u, 2u})
+      CHECK(std::fabs(mean[i] / draws - double(x[i])) <=
+            5.0 * norm / (2.0 * std::sqrt(double(draws))) + rounding);
+    // The ordinary bucket decodes to its exact levels when they are exact.
+    if (levels == 1 || levels == 7) {
+      CHECK(std::fabs(mean[4] / draws - 3.0) < 0.2);
+      CHECK(std::fabs(mean[6] / draws + 4.0) < 0.2);
+    }
+  }
+}

@@ -71,17 +71,20 @@ class natural {
     detail::quant_pack(policy, n, code_bits, key.fork(detail::natural_tag), words_.data(),
                        [g, &first_bad](std::size_t first, std::size_t count,
                                        const std::uint32_t* random, std::uint32_t* codes) {
-                         bool bad = false;
+                         // Branch-free, so the loop vectorizes; the largest
+                         // magnitude pattern tells whether any is > 2^127.
+                         const T* at = g + first;
+                         std::uint32_t top = 0;
                          for (std::size_t j = 0; j < count; ++j) {
-                           const std::uint32_t x = std::bit_cast<std::uint32_t>(g[first + j]);
+                           const std::uint32_t x = std::bit_cast<std::uint32_t>(at[j]);
                            const std::uint32_t mag = x & 0x7fffffffu;
-                           bad |= mag > 0x7f000000u;  // > 2^127, inf or NaN
+                           top = top < mag ? mag : top;
                            const std::uint32_t mantissa = mag & 0x007fffffu;
                            const std::uint32_t e =
                                (mag >> 23) + ((random[j] >> 8) < 2u * mantissa ? 1u : 0u);
                            codes[j] = (e & 0xffu) | (e != 0 ? (x >> 31) << 8 : 0u);
                          }
-                         if (!bad) return;
+                         if (top <= 0x7f000000u) return;  // else > 2^127, inf or NaN
                          std::size_t j = 0;
                          while ((std::bit_cast<std::uint32_t>(g[first + j]) & 0x7fffffffu) <=
                                 0x7f000000u)
@@ -110,7 +113,7 @@ class natural {
     detail::check_quant_message(where, message, n, code_bits, 0, 0);
     const std::size_t bad =
         detail::quant_first_invalid(policy, n, code_bits, message.words.data(), [](std::uint32_t c) {
-          return (c & 0xffu) == 0xffu || c == 0x100u;
+          return ((c & 0xffu) == 0xffu) | (c == 0x100u);  // no branch: the scan vectorizes
         });
     if (bad != n)
       fail(where, "code ", bad, " = ", quantized::read_code(message.words.data(), bad, code_bits),

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -66,37 +67,39 @@ class qsgd {
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
     constexpr std::string_view where = "gcomp::qsgd::compress";
     const std::size_t n = gradient.size();
-    detail::quant_bucket_stats(policy, gradient, options_.bucket, detail::quant_stat::l2, norms_,
-                               where);  // throws before the message is touched
+    const std::size_t bucket = options_.bucket;
     const unsigned b = level_bits_;
+    const T s = static_cast<T>(options_.levels);
+    const rng_key stream = key.fork(detail::qsgd_tag);
+    // Norms and codes go to scratch; the message is touched once all is well.
+    detail::resize_words(words_, quantized::word_count(n, b + 1));
+    norms_.resize(bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
+    const auto coder = [b, s](const T* x, const std::uint32_t* random, std::uint32_t* codes,
+                              std::size_t count, T norm) { code_levels(x, random, codes, count, norm, s, b); };
+    // Buckets of whole groups: norm and codes in one pass over the gradient.
+    const bool fused = bucket != 0 && bucket % detail::quant_group == 0 &&
+                       detail::quant_fused_pack(policy, gradient, bucket, detail::quant_stat::l2,
+                                                b + 1, stream, norms_.data(), words_.data(), coder);
+    if (!fused) {
+      detail::quant_bucket_stats(policy, gradient, bucket, detail::quant_stat::l2, norms_,
+                                 where);  // throws before the message is touched
+      const T* g = gradient.data();
+      const T* norms = norms_.data();
+      detail::quant_pack(policy, n, b + 1, stream, words_.data(),
+                         [=](std::size_t first, std::size_t count, const std::uint32_t* random,
+                             std::uint32_t* codes) {
+                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                             std::size_t j1,
+                                                                             std::size_t k) {
+                             coder(g + first + j0, random + j0, codes + j0, j1 - j0, norms[k]);
+                           });
+                         });
+    }
     message.dimension = n;
     message.bits = static_cast<std::uint8_t>(b + 1);
-    message.bucket = options_.bucket;
+    message.bucket = bucket;
     message.scales.assign(norms_.begin(), norms_.end());
-    message.words.resize(quantized::word_count(n, b + 1));
-    const T* g = gradient.data();
-    const T* norms = message.scales.data();
-    const std::size_t bucket = options_.bucket;
-    const T s = static_cast<T>(options_.levels);
-    detail::quant_pack(policy, n, b + 1, key.fork(detail::qsgd_tag), message.words.data(),
-                       [=](std::size_t first, std::size_t count, const std::uint32_t* random,
-                           std::uint32_t* codes) {
-                         detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
-                                                                           std::size_t j1,
-                                                                           std::size_t k) {
-                           const T norm = norms[k];
-                           const T factor = norm > T(0) ? s / norm : T(0);
-                           for (std::size_t j = j0; j < j1; ++j) {
-                             const T v = g[first + j];
-                             const T r = std::min(std::fabs(v) * factor, s);
-                             const T low = std::floor(r);
-                             const T u = detail::unit_from_bits<T>(random[j]);
-                             const auto level = static_cast<std::uint32_t>(low) +
-                                                (u < r - low ? 1u : 0u);
-                             codes[j] = level | ((level != 0 && v < T(0)) ? (1u << b) : 0u);
-                           }
-                         });
-                       });
+    message.words.swap(words_);
   }
 
   template <class Policy>
@@ -118,9 +121,10 @@ class qsgd {
                                                                              std::size_t j1,
                                                                              std::size_t k) {
                              const T unit = norms[k] / s;
+                             T* at = o + first;
                              for (std::size_t j = j0; j < j1; ++j) {
-                               const T v = static_cast<T>(codes[j] & level_mask) * unit;
-                               o[first + j] += scale * ((codes[j] >> b) != 0 ? -v : v);
+                               const T v = static_cast<T>(static_cast<std::int32_t>(codes[j] & level_mask)) * unit;
+                               at[j] += scale * ((codes[j] >> b) != 0 ? -v : v);
                              }
                            });
                          });
@@ -143,7 +147,34 @@ class qsgd {
  private:
   qsgd_options options_;
   unsigned level_bits_ = 0;
-  std::vector<T> norms_;  // scratch: the norms before they are known to be finite
+  std::vector<T> norms_;               // scratch: the norms before they are known to be finite
+  std::vector<std::uint64_t> words_;   // scratch, swapped with the message's words
+
+  /// The codes of count elements x[j] of a bucket with norm `norm`:
+  /// l = floor(s |x| / norm + u) as floor(r) + (u < r - floor(r)), r =
+  /// min(|x| s / norm, s), sign in bit b for nonzero levels. Branch-free, so
+  /// the loop vectorizes; the same arithmetic as the reference formula.
+  static void code_levels(const T* x, const std::uint32_t* random, std::uint32_t* codes,
+                          std::size_t count, T norm, T s, unsigned b) {
+    // s / norm overflows for a tiny (e.g. subnormal) norm, and 0 * inf would
+    // be NaN: such buckets are scaled up by 2^64 first (exact, and |x| <= norm
+    // keeps |x| * 2^64 finite). pre = 1 leaves every other bucket bit for bit
+    // as the reference formula computes it.
+    const bool tiny = norm > T(0) && !(s / norm <= std::numeric_limits<T>::max());
+    const T pre = tiny ? T(18446744073709551616.0) : T(1);
+    const T factor = norm > T(0) ? s / (norm * pre) : T(0);
+    for (std::size_t j = 0; j < count; ++j) {
+      const T v = x[j];
+      const T r = std::min(std::fabs(v) * pre * factor, s);
+      // 0 <= r <= s < 2^15: truncation is floor (std::floor would not vectorize).
+      const std::int32_t whole = static_cast<std::int32_t>(r);
+      const T low = static_cast<T>(whole);
+      const T u = detail::unit_from_bits<T>(random[j]);
+      const std::int32_t level = whole + (u < r - low ? 1 : 0);
+      const std::uint32_t sign = v < T(0) ? (1u << b) : 0u;
+      codes[j] = static_cast<std::uint32_t>(level) | (level != 0 ? sign : 0u);
+    }
+  }
 };
 
 }  // namespace gcomp

@@ -58,36 +58,37 @@ class terngrad {
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
     constexpr std::string_view where = "gcomp::terngrad::compress";
     const std::size_t n = gradient.size();
-    detail::quant_bucket_stats(policy, gradient, options_.bucket, detail::quant_stat::max_abs,
-                               scales_, where);  // throws before the message is touched
+    const std::size_t bucket = options_.bucket;
+    const rng_key stream = key.fork(detail::terngrad_tag);
+    // Scales and codes go to scratch; the message is touched once all is well.
+    detail::resize_words(words_, quantized::word_count(n, code_bits));
+    scales_.resize(bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
+    // Buckets of whole groups: max |g| and codes in one pass over the gradient.
+    const bool fused = bucket != 0 && bucket % detail::quant_group == 0 &&
+                       detail::quant_fused_pack(policy, gradient, bucket,
+                                                detail::quant_stat::max_abs, code_bits, stream,
+                                                scales_.data(), words_.data(), &code_ternary);
+    if (!fused) {
+      detail::quant_bucket_stats(policy, gradient, bucket, detail::quant_stat::max_abs, scales_,
+                                 where);  // throws before the message is touched
+      const T* g = gradient.data();
+      const T* scales = scales_.data();
+      detail::quant_pack(policy, n, code_bits, stream, words_.data(),
+                         [=](std::size_t first, std::size_t count, const std::uint32_t* random,
+                             std::uint32_t* codes) {
+                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                             std::size_t j1,
+                                                                             std::size_t k) {
+                             code_ternary(g + first + j0, random + j0, codes + j0, j1 - j0,
+                                          scales[k]);
+                           });
+                         });
+    }
     message.dimension = n;
     message.bits = static_cast<std::uint8_t>(code_bits);
-    message.bucket = options_.bucket;
+    message.bucket = bucket;
     message.scales.assign(scales_.begin(), scales_.end());
-    message.words.resize(quantized::word_count(n, code_bits));
-    const T* g = gradient.data();
-    const T* scales = message.scales.data();
-    const std::size_t bucket = options_.bucket;
-    detail::quant_pack(policy, n, code_bits, key.fork(detail::terngrad_tag), message.words.data(),
-                       [=](std::size_t first, std::size_t count, const std::uint32_t* random,
-                           std::uint32_t* codes) {
-                         detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
-                                                                           std::size_t j1,
-                                                                           std::size_t k) {
-                           const T st = scales[k];
-                           if (!(st > T(0))) {
-                             for (std::size_t j = j0; j < j1; ++j) codes[j] = 0;
-                             return;
-                           }
-                           for (std::size_t j = j0; j < j1; ++j) {
-                             const T v = g[first + j];
-                             // |v| <= st, so p <= 1, and p == 1 exactly when |v| == st.
-                             const T p = std::fabs(v) / st;
-                             const bool keep = detail::unit_from_bits<T>(random[j]) < p;
-                             codes[j] = keep ? (v < T(0) ? 2u : 1u) : 0u;
-                           }
-                         });
-                       });
+    message.words.swap(words_);
   }
 
   template <class Policy>
@@ -97,19 +98,34 @@ class terngrad {
     const std::size_t bucket = options_.bucket;
     detail::check_quant_message(where, message, n, code_bits, bucket,
                                 bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
-    const std::size_t bad = detail::quant_first_invalid(
-        policy, n, code_bits, message.words.data(), [](std::uint32_t c) { return c == 3u; });
-    if (bad != n) fail(where, "code ", bad, " is 3, which is no ternary value");
+    // Code 3 has both bits set: one and/shift per word finds it (bits past
+    // the last code are ignored), and only then is the element searched.
+    const std::uint64_t* words = message.words.data();
+    const std::size_t n_words = message.words.size();
+    const std::uint32_t any_bad = transform_reduce(
+        policy, n_words, std::uint32_t(0), [](std::uint32_t a, std::uint32_t b) { return a | b; },
+        [=](std::size_t w) -> std::uint32_t {
+          std::uint64_t both = words[w] & (words[w] >> 1) & 0x5555555555555555ull;
+          const std::size_t valid_bits = std::min<std::size_t>(64, 2 * n - 64 * w);
+          if (valid_bits < 64) both &= (std::uint64_t{1} << valid_bits) - 1;
+          return both != 0 ? 1u : 0u;
+        });
+    if (any_bad != 0) {
+      const std::size_t bad = detail::quant_first_invalid(
+          policy, n, code_bits, words, [](std::uint32_t c) { return c == 3u; });
+      if (bad != n) fail(where, "code ", bad, " is 3, which is no ternary value");
+    }
     const T* scales = message.scales.data();
     T* o = out.data();
-    detail::quant_unpack(policy, n, code_bits, message.words.data(),
+    detail::quant_unpack(policy, n, code_bits, words,
                          [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
                            detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
                                                                              std::size_t j1,
                                                                              std::size_t k) {
                              const T v = scale * scales[k];
+                             T* at = o + first;
                              for (std::size_t j = j0; j < j1; ++j)
-                               o[first + j] += codes[j] == 0 ? T(0) : (codes[j] == 1 ? v : -v);
+                               at[j] += codes[j] == 0 ? T(0) : (codes[j] == 1 ? v : -v);
                            });
                          });
   }
@@ -130,7 +146,25 @@ class terngrad {
 
  private:
   terngrad_options options_;
-  std::vector<T> scales_;  // scratch: the scales before they are known to be finite
+  std::vector<T> scales_;             // scratch: the scales before they are known to be finite
+  std::vector<std::uint64_t> words_;  // scratch, swapped with the message's words
+
+  /// The codes of count elements x[j] of a bucket with scale st = max |g|:
+  /// keep (u < |x| / st) gives sign(x) (1 for +, 2 for -), else 0. Branch-free.
+  static void code_ternary(const T* x, const std::uint32_t* random, std::uint32_t* codes,
+                           std::size_t count, T st) {
+    if (!(st > T(0))) {
+      for (std::size_t j = 0; j < count; ++j) codes[j] = 0;
+      return;
+    }
+    for (std::size_t j = 0; j < count; ++j) {
+      const T v = x[j];
+      // |v| <= st, so p <= 1, and p == 1 exactly when |v| == st.
+      const T p = std::fabs(v) / st;
+      const std::uint32_t keep = detail::unit_from_bits<T>(random[j]) < p ? 1u : 0u;
+      codes[j] = keep + (keep & (v < T(0) ? 1u : 0u));
+    }
+  }
 };
 
 }  // namespace gcomp

@@ -3,12 +3,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <span>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "gcomp/core/error.hpp"
@@ -165,43 +167,233 @@ void quant_bucket_stats(const Policy& policy, std::span<const T> g, std::size_t 
   }
 }
 
+/// words.resize(n), kept out of line: inlined into some callers, GCC 12
+/// reports a false -Wstringop-overflow in the vector's relocation path.
+[[gnu::noinline]] inline void resize_words(std::vector<std::uint64_t>& words, std::size_t n) {
+  words.resize(n);
+}
+
+/// Calls f(begin, end) over disjoint ranges covering [0, count): one range on
+/// host_seq (or when the work is small), a few per thread on host_par. Every
+/// item must be computed independently of the split, so results never depend
+/// on the thread count. `work` is the number of elements per item.
+template <class F>
+void quant_ranges(const host_seq&, std::size_t count, std::size_t, F&& f) {
+  if (count != 0) f(std::size_t{0}, count);
+}
+
+template <class F>
+void quant_ranges(const host_par& policy, std::size_t count, std::size_t work, F&& f) {
+  if (count == 0) return;
+  if (policy.threads() == 1 || count < 2 || count * work < 4 * host_grain)
+    return f(std::size_t{0}, count);
+  parallel_ranges(policy, count, std::size_t{policy.threads()} * 4, f);
+}
+
+/// Calls f(std::integral_constant<unsigned, B>) with B == bits for bits in
+/// [1, 16] (every quantizer's code width), so the packing loops see a
+/// compile-time width.
+template <class F>
+decltype(auto) with_code_bits(unsigned bits, F&& f) {
+  switch (bits) {
+#define GCOMP_QUANT_BITS_CASE(B) \
+  case B:                        \
+    return f(std::integral_constant<unsigned, B>{});
+    GCOMP_QUANT_BITS_CASE(1)
+    GCOMP_QUANT_BITS_CASE(2)
+    GCOMP_QUANT_BITS_CASE(3)
+    GCOMP_QUANT_BITS_CASE(4)
+    GCOMP_QUANT_BITS_CASE(5)
+    GCOMP_QUANT_BITS_CASE(6)
+    GCOMP_QUANT_BITS_CASE(7)
+    GCOMP_QUANT_BITS_CASE(8)
+    GCOMP_QUANT_BITS_CASE(9)
+    GCOMP_QUANT_BITS_CASE(10)
+    GCOMP_QUANT_BITS_CASE(11)
+    GCOMP_QUANT_BITS_CASE(12)
+    GCOMP_QUANT_BITS_CASE(13)
+    GCOMP_QUANT_BITS_CASE(14)
+    GCOMP_QUANT_BITS_CASE(15)
+    GCOMP_QUANT_BITS_CASE(16)
+#undef GCOMP_QUANT_BITS_CASE
+    default:
+      fail("gcomp::detail::with_code_bits", "code width ", bits, " is outside [1, 16]");
+  }
+}
+
+/// The Bits words of one full group from its 64 codes (each below 2^Bits):
+/// code j occupies bits [j Bits, (j + 1) Bits) of the group's stream. With a
+/// compile-time width every shift is a constant and the loops vectorize.
+template <unsigned Bits>
+inline void pack_group(const std::uint32_t* codes, std::uint64_t* out) {
+  if constexpr (64 % Bits == 0) {
+    constexpr unsigned per = 64 / Bits;
+    for (unsigned w = 0; w < Bits; ++w) {
+      std::uint64_t word = 0;
+      for (unsigned k = 0; k < per; ++k) word |= std::uint64_t{codes[w * per + k]} << (k * Bits);
+      out[w] = word;
+    }
+  } else {
+    std::uint64_t acc[Bits] = {};
+#pragma GCC unroll 64
+    for (unsigned j = 0; j < quant_group; ++j) {
+      const unsigned bit = j * Bits;
+      const unsigned shift = bit % 64;
+      const std::uint64_t c = codes[j];
+      acc[bit / 64] |= c << shift;
+      if (shift + Bits > 64) acc[bit / 64 + 1] |= c >> (64 - shift);
+    }
+    for (unsigned w = 0; w < Bits; ++w) out[w] = acc[w];
+  }
+}
+
+/// The 64 codes of one full group from its Bits words (the inverse of pack_group).
+template <unsigned Bits>
+inline void unpack_group(const std::uint64_t* in, std::uint32_t* codes) {
+  constexpr std::uint64_t mask = (std::uint64_t{1} << Bits) - 1;
+  if constexpr (64 % Bits == 0) {
+    constexpr unsigned per = 64 / Bits;
+    for (unsigned w = 0; w < Bits; ++w) {
+      const std::uint64_t word = in[w];
+      for (unsigned k = 0; k < per; ++k)
+        codes[w * per + k] = static_cast<std::uint32_t>((word >> (k * Bits)) & mask);
+    }
+  } else {
+#pragma GCC unroll 64
+    for (unsigned j = 0; j < quant_group; ++j) {
+      const unsigned bit = j * Bits;
+      const unsigned shift = bit % 64;
+      std::uint64_t v = in[bit / 64] >> shift;
+      if (shift + Bits > 64) v |= in[bit / 64 + 1] << (64 - shift);
+      codes[j] = static_cast<std::uint32_t>(v & mask);
+    }
+  }
+}
+
+/// Writes group q's words (q * Bits onwards) from its count codes: a full
+/// group directly, the last partial one with quantized::assemble_word.
+template <unsigned Bits>
+inline void store_group(std::size_t q, std::size_t count, std::size_t n, const std::uint32_t* codes,
+                        std::uint64_t* words) {
+  if (count == quant_group) return pack_group<Bits>(codes, words + q * Bits);
+  const std::size_t first = q * quant_group;
+  const std::size_t w_end = std::min(quantized::word_count(n, Bits), (q + 1) * Bits);
+  for (std::size_t w = q * Bits; w < w_end; ++w)
+    words[w] = quantized::assemble_word(w, n, Bits, [&](std::size_t i) { return codes[i - first]; });
+}
+
 /// Packs the n codes of `bits` bits into words (word_count(n, bits) of them):
 /// for every group of quant_group elements, code(first, count, random, codes)
 /// fills codes[0, count) for elements [first, first + count), where random[j]
-/// is random_bits(stream, first + j); a full group's `bits` words are then
-/// written directly, the last partial group's with quantized::assemble_word. Groups run in parallel under host_par; the
-/// words do not depend on the policy.
+/// is random_bits(stream, first + j); the group's `bits` words are then
+/// written (threads never share a word). Groups run in parallel under
+/// host_par; the words do not depend on the policy.
 template <class Policy, class Code>
 void quant_pack(const Policy& policy, std::size_t n, unsigned bits, const rng_key& stream,
                 std::uint64_t* words, Code code) {
   const std::size_t groups = (n + quant_group - 1) / quant_group;
-  const std::size_t n_words = quantized::word_count(n, bits);
-  for_each_index(policy, groups, [=, &code](std::size_t q) {
-    std::uint32_t random[quant_group];
-    std::uint32_t codes[quant_group];
-    const std::size_t first = q * quant_group;
-    const std::size_t count = std::min(quant_group, n - first);
-    philox_blocks<quant_group / 4>(stream, first / 4, random);
-    code(first, count, static_cast<const std::uint32_t*>(random), codes);
-    std::uint64_t* out = words + q * bits;
-    if (count == quant_group) {
-      // A full group: its `bits` words hold exactly its 64 codes, OR-ed in
-      // place (the same words assemble_word would build, without its search).
-      for (unsigned w = 0; w < bits; ++w) out[w] = 0;
-      for (std::size_t j = 0; j < quant_group; ++j) {
-        const std::size_t bit = j * bits;
-        const unsigned shift = static_cast<unsigned>(bit % 64);
-        const std::uint64_t c = codes[j];
-        out[bit / 64] |= c << shift;
-        if (shift + bits > 64) out[bit / 64 + 1] |= c >> (64 - shift);
+  with_code_bits(bits, [&](auto width) {
+    constexpr unsigned Bits = decltype(width)::value;
+    quant_ranges(policy, groups, quant_group, [&](std::size_t q0, std::size_t q1) {
+      alignas(64) std::uint32_t random[quant_group];
+      alignas(64) std::uint32_t codes[quant_group];
+      for (std::size_t q = q0; q < q1; ++q) {
+        const std::size_t first = q * quant_group;
+        const std::size_t count = std::min(quant_group, n - first);
+        philox_blocks<quant_group / 4>(stream, first / 4, random);
+        code(first, count, static_cast<const std::uint32_t*>(random), codes);
+        store_group<Bits>(q, count, n, codes, words);
       }
-      return;
-    }
-    const std::size_t w_end = std::min(n_words, (q + 1) * bits);
-    for (std::size_t w = q * bits; w < w_end; ++w)
-      words[w] = quantized::assemble_word(w, n, bits,
-                                          [&](std::size_t i) { return codes[i - first]; });
+    });
   });
+}
+
+/// The raw statistic of g[begin, end) as quant_bucket_stats computes it
+/// (transform_reduce in the fixed order, a non-finite element gives inf).
+template <class T>
+double quant_raw_stat(const T* x, std::size_t begin, std::size_t len, quant_stat stat) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    if (stat == quant_stat::max_abs) {
+      // max is exact in any order: the largest |x| bit pattern (as an unsigned
+      // integer, the order of non-negative floats) is max |x|; a pattern at or
+      // above the infinity's means a non-finite element. Vectorizes as an
+      // integer max.
+      using U = std::conditional_t<std::is_same_v<T, float>, std::uint32_t, std::uint64_t>;
+      constexpr U abs_mask = std::numeric_limits<U>::max() >> 1;
+      const U inf_bits = std::bit_cast<U>(std::numeric_limits<T>::infinity());
+      U top = 0;
+      const T* at = x + begin;
+      for (std::size_t i = 0; i < len; ++i) {
+        const U a = std::bit_cast<U>(at[i]) & abs_mask;
+        top = top < a ? a : top;
+      }
+      return top >= inf_bits ? inf : static_cast<double>(std::bit_cast<T>(top));
+    }
+  }
+  if (stat == quant_stat::l2)
+    return transform_reduce(
+        host_seq{}, len, 0.0, [](double a, double b) { return a + b; },
+        [x, begin](std::size_t i) {
+          const double v = static_cast<double>(x[begin + i]);
+          return std::isfinite(v) ? v * v : inf;
+        });
+  return transform_reduce(
+      host_seq{}, len, 0.0, [](double a, double b) { return a < b ? b : a; },
+      [x, begin](std::size_t i) {
+        const double v = static_cast<double>(x[begin + i]);
+        return std::isfinite(v) ? std::fabs(v) : inf;
+      });
+}
+
+/// One pass that computes each bucket's statistic and, while the bucket is
+/// still in cache, its codes: for bucket k (bucket a multiple of quant_group),
+/// scales[k] is exactly what quant_bucket_stats gives, and for each of its
+/// groups code(x, random, codes, count, scales[k]) fills the codes of the
+/// count elements at x. Buckets run in parallel; the result does not depend
+/// on the policy. Returns false (scales and words partly written, nothing
+/// else) when some bucket's statistic is not finite: the caller then takes
+/// the two-pass route, which throws or handles it.
+template <class Policy, class T, class Code>
+bool quant_fused_pack(const Policy& policy, std::span<const T> g, std::size_t bucket,
+                      quant_stat stat, unsigned bits, const rng_key& stream, T* scales,
+                      std::uint64_t* words, Code code) {
+  const std::size_t n = g.size();
+  const T* x = g.data();
+  const std::size_t buckets = quantized::bucket_count(n, bucket);
+  std::atomic<bool> all_finite{true};
+  with_code_bits(bits, [&](auto width) {
+    constexpr unsigned Bits = decltype(width)::value;
+    quant_ranges(policy, buckets, bucket, [&](std::size_t k0, std::size_t k1) {
+      alignas(64) std::uint32_t random[quant_group];
+      alignas(64) std::uint32_t codes[quant_group];
+      constexpr double inf = std::numeric_limits<double>::infinity();
+      for (std::size_t k = k0; k < k1; ++k) {
+        const std::size_t begin = k * bucket;
+        const std::size_t end = std::min(n, begin + bucket);
+        double v = quant_raw_stat(x, begin, end - begin, stat);
+        if (!(v < inf)) {
+          all_finite.store(false, std::memory_order_relaxed);
+          return;
+        }
+        if (stat == quant_stat::l2) v = std::sqrt(v);
+        T t = static_cast<T>(v);
+        if (static_cast<double>(t) < v) t = std::nextafter(t, std::numeric_limits<T>::infinity());
+        if (!std::isfinite(t)) {
+          all_finite.store(false, std::memory_order_relaxed);
+          return;
+        }
+        scales[k] = t;
+        for (std::size_t first = begin; first < end; first += quant_group) {
+          const std::size_t count = std::min(quant_group, n - first);
+          philox_blocks<quant_group / 4>(stream, first / 4, random);
+          code(x + first, static_cast<const std::uint32_t*>(random), codes, count, t);
+          store_group<Bits>(first / quant_group, count, n, codes, words);
+        }
+      }
+    });
+  });
+  return all_finite.load();
 }
 
 /// Reads the codes back group by group: apply(first, count, codes) with
@@ -210,12 +402,22 @@ template <class Policy, class Apply>
 void quant_unpack(const Policy& policy, std::size_t n, unsigned bits, const std::uint64_t* words,
                   Apply apply) {
   const std::size_t groups = (n + quant_group - 1) / quant_group;
-  for_each_index(policy, groups, [=, &apply](std::size_t q) {
-    std::uint32_t codes[quant_group];
-    const std::size_t first = q * quant_group;
-    const std::size_t count = std::min(quant_group, n - first);
-    for (std::size_t j = 0; j < count; ++j) codes[j] = quantized::read_code(words, first + j, bits);
-    apply(first, count, static_cast<const std::uint32_t*>(codes));
+  with_code_bits(bits, [&](auto width) {
+    constexpr unsigned Bits = decltype(width)::value;
+    quant_ranges(policy, groups, quant_group, [&](std::size_t q0, std::size_t q1) {
+      alignas(64) std::uint32_t codes[quant_group];
+      for (std::size_t q = q0; q < q1; ++q) {
+        const std::size_t first = q * quant_group;
+        const std::size_t count = std::min(quant_group, n - first);
+        if (count == quant_group) {
+          unpack_group<Bits>(words + q * Bits, codes);
+        } else {
+          for (std::size_t j = 0; j < count; ++j)
+            codes[j] = quantized::read_code(words, first + j, Bits);
+        }
+        apply(first, count, static_cast<const std::uint32_t*>(codes));
+      }
+    });
   });
 }
 
@@ -225,8 +427,8 @@ std::size_t quant_first_invalid(const Policy& policy, std::size_t n, unsigned bi
                                 const std::uint64_t* words, Invalid invalid) {
   std::atomic<std::size_t> first_bad{n};
   quant_unpack(policy, n, bits, words, [&](std::size_t first, std::size_t count, const std::uint32_t* c) {
-    bool any = false;
-    for (std::size_t j = 0; j < count; ++j) any |= invalid(c[j]);
+    std::uint32_t any = 0;
+    for (std::size_t j = 0; j < count; ++j) any |= invalid(c[j]) ? 1u : 0u;
     if (!any) return;
     std::size_t j = 0;
     while (!invalid(c[j])) ++j;
