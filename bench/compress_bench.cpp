@@ -42,8 +42,8 @@ const std::vector<float>& normal_floats(std::uint32_t seed = 1) {
   return v;
 }
 
-unsigned threads_of(const gcomp::host_seq&) { return 1; }
-unsigned threads_of(const gcomp::host_par& p) { return p.threads(); }
+[[maybe_unused]] unsigned threads_of(const gcomp::host_seq&) { return 1; }
+[[maybe_unused]] unsigned threads_of(const gcomp::host_par& p) { return p.threads(); }
 
 std::uint64_t read_all(const std::vector<float>& v) {
   return gcomp_bench::read_pass(v.data(), v.size() * sizeof(float));
