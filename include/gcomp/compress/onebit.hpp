@@ -66,31 +66,41 @@ class onebit {
     positive_.resize(count);
     negative_.resize(count);
     const T* g = gradient.data();
-    // Two plain branch-free sums (they vectorize; a struct reduction does not): the
-    // non-negative part and the negative part of every group. A non-finite
-    // element makes its group's sums non-finite.
-    detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(positive_), acc(0),
-                                     [](acc a, acc b) { return a + b; }, [=](std::size_t i) {
-                                       const acc x = static_cast<acc>(g[i]);
-                                       return x * static_cast<acc>(!(x < acc(0)));  // x if x >= 0 else 0; NaN, inf -> NaN
-                                     });
-    detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(negative_), acc(0),
-                                     [](acc a, acc b) { return a + b; }, [=](std::size_t i) {
-                                       const acc x = static_cast<acc>(g[i]);
-                                       return x * static_cast<acc>(!(x >= acc(0)));  // x if x < 0 else 0; NaN, inf -> NaN
-                                     });
+    // The sums of the non-negative part and of the negative part of every
+    // group, branch-free (a non-finite element makes its group's sums
+    // non-finite), and the bits (into the staging words; the number of set
+    // bits per group gives the sizes of the two sides).
+    const auto nonneg = [](acc x) { return x * static_cast<acc>(!(x < acc(0))); };  // x if x >= 0 else 0; NaN, inf -> NaN
+    const auto neg = [](acc x) { return x * static_cast<acc>(!(x >= acc(0))); };    // x if x < 0 else 0; NaN, inf -> NaN
+    staged_.resize(quantized::word_count(n, 1));
+    if (!per_layer_) {
+      // One pass for the whole buffer: both sums in the fixed order and the bits.
+      acc sums[2];
+      detail::sign_impl::fused_sums_and_bits<2, acc>(
+          policy, g, n, staged_.data(), sums, [=](std::size_t s, T v) {
+            const acc x = static_cast<acc>(v);
+            return s == 0 ? nonneg(x) : neg(x);
+          });
+      positive_[0] = sums[0];
+      negative_[0] = sums[1];
+    } else {
+      detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(positive_), acc(0),
+                                       [](acc a, acc b) { return a + b; },
+                                       [=](std::size_t i) { return nonneg(static_cast<acc>(g[i])); });
+      detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(negative_), acc(0),
+                                       [](acc a, acc b) { return a + b; },
+                                       [=](std::size_t i) { return neg(static_cast<acc>(g[i])); });
+    }
     for (std::size_t d = 0; d < count; ++d)
       if (!std::isfinite(positive_[d]) || !std::isfinite(negative_[d])) {
         detail::sign_impl::throw_first_non_finite(where, g, groups.offset(d),
                                                   groups.offset(d) + groups.size(d));
         fail(where, "the sums of group ", d, " overflow");
       }
-    // The bits first (into the staging words), then the number of set bits
-    // per group gives the sizes of the two sides.
-    staged_.resize(quantized::word_count(n, 1));
-    detail::sign_impl::pack_bits(policy, n, staged_.data(),
-                                 [=](std::size_t i) -> std::uint32_t { return g[i] >= T(0) ? 1u : 0u; });
-    for (const auto& [b, e] : gaps_) detail::sign_impl::clear_bits(staged_.data(), b, e);
+    if (per_layer_) {
+      detail::sign_impl::pack_ge_zero(policy, n, g, staged_.data());
+      for (const auto& [b, e] : gaps_) detail::sign_impl::clear_bits(staged_.data(), b, e);
+    }
     message.dimension = n;
     message.bits = 1;
     message.bucket = 0;

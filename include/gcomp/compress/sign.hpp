@@ -42,8 +42,10 @@ namespace gcomp {
 /// Non-finite gradients are rejected: compress throws gcomp::error naming
 /// the first such index and leaves the payload as it was. The result is
 /// bitwise the same on every policy and thread count (sums follow the fixed
-/// reduction order). Cost on the host: two read passes (the l1 sums, then the
-/// packing) and a write of n / 8 bytes; decompress_add one pass over out.
+/// reduction order). Cost on the host: one read pass for the whole buffer
+/// (the l1 sum in the fixed order and the bits, 64 at a time), two with a
+/// layout (the per-layer sums, then the packing), and a write of n / 8 bytes;
+/// decompress_add one pass over out.
 template <class T = float>
 class sign {
  public:
@@ -69,9 +71,18 @@ class sign {
     using acc = detail::sign_impl::sign_accumulator<T>;
     sums_.resize(count);
     const T* g = gradient.data();
-    detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(sums_), acc(0),
-                          [](acc a, acc b) { return a + b; },
-                          [=](std::size_t i) { return static_cast<acc>(std::fabs(g[i])); });
+    if (!per_layer_) {
+      // One pass: the l1 sum (fixed order) and the bits, into the staging
+      // words, which reach the message only once the sum is known finite.
+      staged_.resize(quantized::word_count(n, 1));
+      detail::sign_impl::fused_sums_and_bits<1, acc>(
+          policy, g, n, staged_.data(), sums_.data(),
+          [](std::size_t, T x) { return static_cast<acc>(std::fabs(x)); });
+    } else {
+      detail::sign_impl::reduce_groups(policy, groups, std::span<acc>(sums_), acc(0),
+                                       [](acc a, acc b) { return a + b; },
+                                       [=](std::size_t i) { return static_cast<acc>(std::fabs(g[i])); });
+    }
     for (std::size_t d = 0; d < count; ++d)
       if (!std::isfinite(sums_[d])) {
         detail::sign_impl::throw_first_non_finite(where, g, groups.offset(d),
@@ -86,9 +97,12 @@ class sign {
     for (std::size_t d = 0; d < count; ++d)
       message.scales[d] =
           groups.size(d) == 0 ? T(0) : static_cast<T>(sums_[d] / static_cast<acc>(groups.size(d)));
+    if (!per_layer_) {
+      message.words.swap(staged_);
+      return;
+    }
     message.words.resize(quantized::word_count(n, 1));
-    detail::sign_impl::pack_bits(policy, n, message.words.data(),
-                      [=](std::size_t i) -> std::uint32_t { return g[i] >= T(0) ? 1u : 0u; });
+    detail::sign_impl::pack_ge_zero(policy, n, g, message.words.data());
     for (const auto& [b, e] : gaps_) detail::sign_impl::clear_bits(message.words.data(), b, e);
   }
 
@@ -156,6 +170,7 @@ class sign {
   bool per_layer_ = false;
   std::vector<std::pair<std::size_t, std::size_t>> gaps_;
   std::vector<detail::sign_impl::sign_accumulator<T>> sums_;  // l1 norm per group, reused
+  std::vector<std::uint64_t> staged_;  // whole-buffer bits before they reach the message
 };
 
 }  // namespace gcomp

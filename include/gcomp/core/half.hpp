@@ -29,8 +29,14 @@
 #pragma once
 
 #include <bit>
+#include <cstddef>
 #include <cstdint>
 #include <type_traits>
+
+#if defined(__F16C__) && defined(__AVX__) && !defined(__CUDA_ARCH__) && !defined(GCOMP_PORTABLE_KERNELS)
+#include <immintrin.h>
+#define GCOMP_HALF_F16C 1
+#endif
 
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/wire.hpp"
@@ -148,6 +154,23 @@ GCOMP_HD inline float to_float(bfloat16 h) {
 GCOMP_HD inline float16 to_float16(double x) { return to_float16(detail::round_to_odd_float(x)); }
 GCOMP_HD inline bfloat16 to_bfloat16(double x) {
   return to_bfloat16(detail::round_to_odd_float(x));
+}
+
+/// out[i] = to_float16(in[i]) for i < n, bitwise (host only). With F16C
+/// (e.g. -march=native on x86) eight at a time with vcvtps2ph, round to
+/// nearest even, which agrees with to_float16 on every float (NaNs quieted
+/// with their top payload bits, overflow to inf, subnormals rounded);
+/// otherwise the portable loop, which the compiler vectorizes.
+inline void to_float16_n(const float* in, std::size_t n, float16* out) {
+  std::size_t i = 0;
+#if defined(GCOMP_HALF_F16C)
+  static_assert(sizeof(float16) == sizeof(std::uint16_t));
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+#endif
+  for (; i < n; ++i) out[i] = to_float16(in[i]);
 }
 
 /// Uniform access for code generic over the two formats: half_format<H>::from(x)

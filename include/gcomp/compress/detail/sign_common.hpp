@@ -17,6 +17,11 @@
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/exec/host.hpp"
 
+#if defined(__AVX__) && !defined(GCOMP_PORTABLE_KERNELS)
+#include <immintrin.h>
+#define GCOMP_SIGN_AVX 1
+#endif
+
 namespace gcomp::detail::sign_impl {
 
 /// Accumulator for sums of |g|: double for float (no overflow or visible
@@ -91,6 +96,118 @@ void pack_bits(const Policy& policy, std::size_t n, std::uint64_t* words, Code c
       words[w] = quantized::assemble_word(w, n, 1, code);
     }
   });
+}
+
+/// The word whose bit j is (x[j] >= 0) for j < 64 (-0 counts as
+/// non-negative; a NaN gives 0). AVX: a compare and a movemask per 8 floats;
+/// otherwise a fixed loop of compares and shifts.
+template <class T>
+inline std::uint64_t ge_zero_word(const T* x) {
+#if defined(GCOMP_SIGN_AVX)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    std::uint64_t word = 0;
+    for (unsigned k = 0; k < 8; ++k) {
+      const __m256 v = _mm256_loadu_ps(x + 8 * k);
+      const unsigned m = static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)));
+      word |= std::uint64_t{m} << (8 * k);
+    }
+    return word;
+  }
+#endif
+  std::uint32_t lo = 0, hi = 0;
+  for (unsigned j = 0; j < 32; ++j) lo |= std::uint32_t(x[j] >= T(0)) << j;
+  for (unsigned j = 0; j < 32; ++j) hi |= std::uint32_t(x[32 + j] >= T(0)) << j;
+  return std::uint64_t{lo} | (std::uint64_t{hi} << 32);
+}
+
+/// Bits (x[j] >= 0) for j < count (< 64) in the low bits, the rest 0.
+template <class T>
+inline std::uint64_t ge_zero_partial(const T* x, std::size_t count) {
+  std::uint64_t word = 0;
+  for (std::size_t j = 0; j < count; ++j) word |= std::uint64_t(x[j] >= T(0)) << j;
+  return word;
+}
+
+/// words[w] for w < word_count(n, 1) with bit i = (g[i] >= 0), 64 elements
+/// at a time (threads never share a word).
+template <class Policy, class T>
+void pack_ge_zero(const Policy& policy, std::size_t n, const T* g, std::uint64_t* words) {
+  const std::size_t full = n / 64;
+  const std::size_t total = quantized::word_count(n, 1);
+  for_each_index(policy, total, [=](std::size_t w) {
+    words[w] = w < full ? ge_zero_word(g + 64 * w) : ge_zero_partial(g + 64 * w, n - 64 * w);
+  });
+}
+
+/// Runs f(b) for every reduce block b < blocks (detail::reduce_block elements
+/// each): in order on host_seq, spread over the pool on host_par. f must
+/// write only what belongs to block b.
+template <class F>
+void for_each_block(const host_seq&, std::size_t blocks, F&& f) {
+  for (std::size_t b = 0; b < blocks; ++b) f(b);
+}
+
+template <class F>
+void for_each_block(const host_par& policy, std::size_t blocks, F&& f) {
+  if (blocks < 4 || policy.threads() == 1) return for_each_block(host_seq{}, blocks, f);
+  parallel_ranges(policy, blocks, std::size_t{policy.threads()} * 4,
+                  [&](std::size_t b0, std::size_t b1) {
+                    for (std::size_t b = b0; b < b1; ++b) f(b);
+                  });
+}
+
+/// The fixed-order lane combination of reduce_one_block (a balanced tree).
+template <class R>
+inline R combine_lanes(const R* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+static_assert(reduce_block % 64 == 0 && reduce_lanes == 8,
+              "fused_sums_and_bits assumes whole words per reduce block and 8 lanes");
+
+/// One read pass over g[0, n) that writes the 1-bit stream (bit i = g[i] >= 0,
+/// word_count(n, 1) words) and, for s < Sums, total[s] = the sum over i of
+/// term(s, g[i]), added in exactly the order of transform_reduce (blocks of
+/// reduce_block, 8 lanes, the lane tree, blocks left to right from 0), so the
+/// sums are bitwise those of Sums separate transform_reduce calls on any
+/// policy. Each reduce block owns reduce_block / 64 whole words, so threads
+/// never share a word.
+template <std::size_t Sums, class Acc, class Policy, class T, class Term>
+void fused_sums_and_bits(const Policy& policy, const T* g, std::size_t n, std::uint64_t* words,
+                         Acc* total, Term term) {
+  const std::size_t blocks = reduce_block_count(n);
+  scratch<Acc> partial(blocks * Sums);
+  Acc* part = partial.vector().data();
+  for_each_block(policy, blocks, [=](std::size_t b) {
+    const std::size_t begin = b * reduce_block;
+    const std::size_t len = std::min(n, begin + reduce_block) - begin;
+    const T* x = g + begin;
+    std::uint64_t* w = words + begin / 64;
+    Acc lane[Sums][reduce_lanes];
+    for (std::size_t s = 0; s < Sums; ++s)
+      for (std::size_t l = 0; l < reduce_lanes; ++l) lane[s][l] = Acc(0);
+    std::size_t i = 0;
+    for (; i + 64 <= len; i += 64) {
+      for (std::size_t k = 0; k < 64; k += reduce_lanes)
+        for (std::size_t s = 0; s < Sums; ++s)
+          for (std::size_t l = 0; l < reduce_lanes; ++l)
+            lane[s][l] = lane[s][l] + term(s, x[i + k + l]);
+      w[i / 64] = ge_zero_word(x + i);
+    }
+    if (i < len) w[i / 64] = ge_zero_partial(x + i, len - i);
+    for (; i + reduce_lanes <= len; i += reduce_lanes)
+      for (std::size_t s = 0; s < Sums; ++s)
+        for (std::size_t l = 0; l < reduce_lanes; ++l) lane[s][l] = lane[s][l] + term(s, x[i + l]);
+    for (std::size_t l = 0; i < len; ++i, ++l)
+      for (std::size_t s = 0; s < Sums; ++s) lane[s][l] = lane[s][l] + term(s, x[i]);
+    for (std::size_t s = 0; s < Sums; ++s) part[b * Sums + s] = combine_lanes(lane[s]);
+  });
+  for (std::size_t s = 0; s < Sums; ++s) {
+    Acc t = Acc(0);
+    for (std::size_t b = 0; b < blocks; ++b) t = t + part[b * Sums + s];
+    total[s] = t;
+  }
 }
 
 /// Clears bits [begin, end) of a 1-bit stream.
