@@ -12,6 +12,7 @@
 #include <string_view>
 #include <vector>
 
+#include "gcomp/compress/detail/count.hpp"
 #include "gcomp/compress/detail/select.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
@@ -141,11 +142,7 @@ class sampled_topk {
 
   explicit sampled_topk(sampled_topk_options options) : options_(options) {
     constexpr std::string_view where = "gcomp::sampled_topk";
-    if (options.k == 0 && options.ratio == 0.0) fail(where, "set k > 0 or ratio in (0, 1]; both are 0");
-    if (options.k != 0 && options.ratio != 0.0)
-      fail(where, "set either k (", options.k, ") or ratio (", options.ratio, "), not both");
-    if (options.k == 0 && !(options.ratio > 0.0 && options.ratio <= 1.0))
-      fail(where, "ratio must be in (0, 1], got ", options.ratio);
+    detail::check_count_options(where, options.k, options.ratio);
     if (!(options.sample_ratio > 0.0 && options.sample_ratio <= 1.0))
       fail(where, "sample_ratio must be in (0, 1], got ", options.sample_ratio);
     check_positive(where, "min_sample", options.min_sample);

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include "gcomp/compress/detail/count.hpp"
 #include "gcomp/compress/detail/select.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
@@ -55,7 +56,7 @@ class topk {
 
   /// Whole-vector top-k: options.k elements, or round(options.ratio * n) (at least 1).
   explicit topk(topk_options options) : options_(options) {
-    check_options("gcomp::topk", options);
+    detail::check_count_options("gcomp::topk", options.k, options.ratio);
   }
 
   /// Per-layer top-k: every layer keeps the fraction options.ratio.
@@ -63,7 +64,7 @@ class topk {
       : options_(options), layout_(std::move(lay)), per_layer_(true) {
     constexpr std::string_view where = "gcomp::topk";
     require(options.k == 0, where, "a per-layer top-k takes ratio, not k (got k = ", options.k, ")");
-    check_options(where, options);
+    detail::check_count_options(where, options.k, options.ratio);
     order_.resize(layout_.num_layers());
     std::iota(order_.begin(), order_.end(), std::size_t{0});
     // Visiting layers by offset keeps the concatenated indices increasing.
@@ -74,10 +75,10 @@ class topk {
   /// Elements kept of an n-element gradient (throws if k > n or n does not fit the layout).
   std::size_t kept(std::size_t n) const {
     constexpr std::string_view where = "gcomp::topk::kept";
-    if (!per_layer_) return count_for(where, options_.k, options_.ratio, n);
+    if (!per_layer_) return detail::count_for(where, options_.k, options_.ratio, n);
     layout_.check_buffer(where, "gradient", n);
     std::size_t total = 0;
-    for (const layer& l : layout_) total += count_for(where, 0, options_.ratio, l.size);
+    for (const layer& l : layout_) total += detail::count_for(where, 0, options_.ratio, l.size);
     return total;
   }
 
@@ -90,7 +91,7 @@ class topk {
     if (layout_.covered_size() != layout_.total_size()) return 0.0;
     double worst = 1.0;
     for (const layer& l : layout_)
-      worst = std::min(worst, static_cast<double>(count_for("gcomp::topk::delta", 0, options_.ratio,
+      worst = std::min(worst, static_cast<double>(detail::count_for("gcomp::topk::delta", 0, options_.ratio,
                                                             l.size)) /
                                   static_cast<double>(l.size));
     return worst;
@@ -100,7 +101,7 @@ class topk {
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
     constexpr std::string_view where = "gcomp::topk::compress";
     const std::size_t n = gradient.size();
-    check_index_range(where, n);
+    detail::check_index_range<Index>(where, n);
     const std::size_t k = kept(n);  // checks k <= n and the layout before anything is written
     if (!per_layer_) {
       // The selection validates the whole gradient before it writes, so it
@@ -117,7 +118,7 @@ class topk {
     std::size_t at = 0;
     for (std::size_t d : order_) {
       const layer& l = layout_[d];
-      const std::size_t kd = count_for(where, 0, options_.ratio, l.size);
+      const std::size_t kd = detail::count_for(where, 0, options_.ratio, l.size);
       selector_.select_topk(policy, gradient.subspan(l.offset, l.size), kd, l.offset,
                             staged_indices_.data() + at, staged_values_.data() + at, where);
       at += kd;
@@ -153,31 +154,6 @@ class topk {
   detail::select_path last_path() const { return selector_.last_path; }
 
  private:
-  static void check_options(std::string_view where, const topk_options& options) {
-    if (options.k == 0 && options.ratio == 0.0) fail(where, "set k > 0 or ratio in (0, 1]; both are 0");
-    if (options.k != 0 && options.ratio != 0.0)
-      fail(where, "set either k (", options.k, ") or ratio (", options.ratio, "), not both");
-    if (options.k == 0 && !(options.ratio > 0.0 && options.ratio <= 1.0))
-      fail(where, "ratio must be in (0, 1], got ", options.ratio);
-  }
-
-  // k for n elements: the count itself, or the ratio rounded to nearest and
-  // at least 1 (for a non-empty vector).
-  static std::size_t count_for(std::string_view where, std::size_t k, double ratio, std::size_t n) {
-    if (k != 0) {
-      if (k > n) fail(where, "k = ", k, " exceeds the gradient size ", n);
-      return k;
-    }
-    if (n == 0) return 0;
-    const double wanted = std::round(ratio * static_cast<double>(n));
-    return static_cast<std::size_t>(std::clamp(wanted, 1.0, static_cast<double>(n)));
-  }
-
-  static void check_index_range(std::string_view where, std::size_t n) {
-    if (n != 0 && static_cast<std::uint64_t>(n) - 1 > std::numeric_limits<Index>::max())
-      fail(where, "gradient size ", n, " does not fit ", sizeof(Index),
-           "-byte indices; use std::uint64_t indices");
-  }
 
   topk_options options_;
   layout layout_;
