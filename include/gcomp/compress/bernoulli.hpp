@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/random.hpp"
@@ -125,7 +126,7 @@ class bernoulli_sparsifier {
   template <class Policy>
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
     constexpr std::string_view where = "gcomp::bernoulli_sparsifier::decompress_add";
-    detail::check_sparse_message(where, message, out.size());
+    detail::check_sparse_addend(where, message, out.size());
     if (per_layer_) layout_.check_buffer(where, "out", out.size());
     T* o = out.data();
     const Index* idx = message.indices.data();

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/random.hpp"
@@ -127,7 +128,7 @@ class randomk {
   template <class Policy>
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
     constexpr std::string_view where = "gcomp::randomk::decompress_add";
-    detail::check_sparse_message(where, message, out.size());
+    detail::check_sparse_addend(where, message, out.size());
     const std::size_t k = kept(out.size());
     if (message.size() != k)
       fail(where, "message has ", message.size(), " values but this random-k keeps ", k, " of ",

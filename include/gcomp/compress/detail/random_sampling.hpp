@@ -214,24 +214,5 @@ void sample_sorted_distinct(const Policy& policy, const rng_key& key, std::uint6
     out[j++] = static_cast<Index>(i);
   }
 }
-
-
-/// Throws unless a sparse message is well formed for an n-element output:
-/// matching lengths, indices strictly increasing and below n.
-template <class Payload>
-void check_sparse_message(std::string_view where, const Payload& message, std::size_t n) {
-  if (message.dimension != n)
-    fail(where, "message dimension is ", message.dimension, " but out has size ", n);
-  check_same_size(where, "message.indices", message.indices.size(), "message.data",
-                  message.data.size());
-  for (std::size_t j = 0; j < message.indices.size(); ++j) {
-    const auto index = message.indices[j];
-    if (index >= n) fail(where, "message index ", index, " at position ", j, " is out of range for size ", n);
-    if (j > 0 && index <= message.indices[j - 1])
-      fail(where, "message indices must be strictly increasing, but index ", index,
-           " at position ", j, " follows ", message.indices[j - 1]);
-  }
-}
-
 }  // namespace detail
 }  // namespace gcomp

@@ -1,4 +1,4 @@
-// The checked scatter-add of a sparse payload into a dense output, shared by the top-k and threshold compressors.
+// The checked scatter-add of a sparse payload into a dense output, shared by every compressor with a sparse payload.
 #pragma once
 
 #include <cstddef>
