@@ -7,54 +7,50 @@
 #include <vector>
 
 #include "gcomp/optim/adam.hpp"
+#include "optim_reference.hpp"
 
 static_assert(gcomp::optimizer<gcomp::adam<float>>);
 static_assert(gcomp::optimizer<gcomp::adamw<float>, gcomp::host_par>);
 static_assert(gcomp::optimizer<gcomp::adamw<double>, gcomp::host_seq, double>);
+
+using gcomp::test::random_vector;
 
 namespace {
 
 // torch.optim.Adam / AdamW (torch 1.13 documentation's algorithm), per layer,
 // in double; t counts each layer's own active steps.
 struct reference_adam {
-  double lr, beta1, beta2, eps, weight_decay;
+  double lr, eps, weight_decay;
   bool amsgrad, decoupled;
-  std::vector<double> m, v, vmax;
-  std::vector<int> t;
+  gcomp::test::adam_moments moments;  // beta1, beta2, m, v, t
+  std::vector<double> vmax{};
 
   void step(const gcomp::layout& lay, std::vector<double>& x, const std::vector<double>& g,
             const std::vector<std::uint8_t>& active = {}) {
-    if (m.empty()) {
-      m.assign(x.size(), 0.0);
-      v.assign(x.size(), 0.0);
-      vmax.assign(x.size(), 0.0);
-      t.assign(lay.num_layers(), 0);
-    }
+    if (moments.start(x.size(), lay.num_layers())) vmax.assign(x.size(), 0.0);
     for (std::size_t d = 0; d < lay.num_layers(); ++d) {
       if (!active.empty() && !active[d]) continue;
-      const int k = ++t[d];
-      const double bc1 = 1 - std::pow(beta1, k), bc2 = 1 - std::pow(beta2, k);
+      const int k = moments.count_step(d);
+      const double bc1 = 1 - std::pow(moments.beta1, k), bc2 = 1 - std::pow(moments.beta2, k);
       for (std::size_t i = lay[d].offset; i < lay[d].offset + lay[d].size; ++i) {
         double gi = g[i];
         if (decoupled)
           x[i] *= 1 - lr * weight_decay;
         else
           gi += weight_decay * x[i];
-        m[i] = beta1 * m[i] + (1 - beta1) * gi;
-        v[i] = beta2 * v[i] + (1 - beta2) * gi * gi;
-        vmax[i] = std::max(vmax[i], v[i]);
-        const double second = amsgrad ? vmax[i] : v[i];
-        x[i] -= lr / bc1 * m[i] / (std::sqrt(second) / std::sqrt(bc2) + eps);
+        moments.update(i, gi);
+        vmax[i] = std::max(vmax[i], moments.v[i]);
+        const double second = amsgrad ? vmax[i] : moments.v[i];
+        x[i] -= lr / bc1 * moments.m[i] / (std::sqrt(second) / std::sqrt(bc2) + eps);
       }
     }
   }
 };
 
-std::vector<double> random_vector(std::size_t n, std::mt19937& gen) {
-  std::normal_distribution<double> dist;
-  std::vector<double> v(n);
-  for (double& x : v) x = dist(gen);
-  return v;
+// The options every reference comparison uses, for adam_options and adamw_options alike.
+template <class Options>
+Options compared_options(double wd, bool amsgrad) {
+  return {.lr = 2e-3, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-7, .weight_decay = wd, .amsgrad = amsgrad};
 }
 
 template <class Optimizer, class Policy>
@@ -79,7 +75,7 @@ void check_against_reference(Optimizer opt, reference_adam ref, const Policy& po
   for (std::size_t i = 0; i < x.size(); ++i)
     REQUIRE(double(x[i]) == doctest::Approx(x_ref[i]).epsilon(tolerance));
   for (std::size_t d = 0; d < lay.num_layers(); ++d)
-    CHECK(opt.layer_steps(d) == std::uint64_t(ref.t[d]));
+    CHECK(opt.layer_steps(d) == std::uint64_t(ref.moments.t[d]));
   CHECK(opt.steps() == 60);
 }
 
@@ -93,20 +89,11 @@ TEST_CASE("adam and adamw match the reference for every option, with and without
       for (const auto* masks : {&all, &some}) {
         CAPTURE(amsgrad);
         CAPTURE(wd);
-        const gcomp::adam_options a{.lr = 2e-3,
-                                    .beta1 = 0.8,
-                                    .beta2 = 0.99,
-                                    .eps = 1e-7,
-                                    .weight_decay = wd,
-                                    .amsgrad = amsgrad};
-        const gcomp::adamw_options w{.lr = 2e-3,
-                                     .beta1 = 0.8,
-                                     .beta2 = 0.99,
-                                     .eps = 1e-7,
-                                     .weight_decay = wd,
-                                     .amsgrad = amsgrad};
-        const reference_adam ra{2e-3, 0.8, 0.99, 1e-7, wd, amsgrad, false, {}, {}, {}, {}};
-        const reference_adam rw{2e-3, 0.8, 0.99, 1e-7, wd, amsgrad, true, {}, {}, {}, {}};
+        const auto a = compared_options<gcomp::adam_options>(wd, amsgrad);
+        const auto w = compared_options<gcomp::adamw_options>(wd, amsgrad);
+        const gcomp::test::adam_moments moments{.beta1 = 0.8, .beta2 = 0.99};
+        const reference_adam ra{2e-3, 1e-7, wd, amsgrad, false, moments};
+        const reference_adam rw{2e-3, 1e-7, wd, amsgrad, true, moments};
         check_against_reference(gcomp::adam<double>(a), ra, gcomp::host_seq{}, *masks);
         check_against_reference(gcomp::adamw<double>(w), rw, gcomp::host_par(2), *masks);
         check_against_reference(gcomp::adam<float>(a), ra, gcomp::host_par(2), *masks);

@@ -5,11 +5,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/compress/bernoulli.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
+using gcomp::test::decompressed;
 
 namespace {
 
@@ -17,13 +19,6 @@ std::vector<float> wave(std::size_t n, float phase = 0.0f) {
   std::vector<float> x(n);
   for (std::size_t i = 0; i < n; ++i) x[i] = std::sin(0.9f * float(i) + phase) + 0.2f;
   return x;
-}
-
-template <class C>
-std::vector<float> decompressed(const C& c, const typename C::payload& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
 }
 
 using shared_bernoulli = gcomp::bernoulli_sparsifier<float, gcomp::key_use::shared>;
@@ -39,9 +34,9 @@ TEST_CASE("Bernoulli sparsification is unbiased with alpha = max 1/p (Monte Carl
   // C_i = x_i / q with probability q: Var C_i = x_i^2 (1/q - 1); the T-draw
   // mean has sigma |x_i| sqrt((1/q - 1)/T). ||C||^2 = sum_i B_i x_i^2 / q^2 with
   // independent B_i ~ Bernoulli(q): E = ||x||^2 / q, Var = sum x_i^4 (1 - q) / q^3.
-  // The kept count is Binomial(n, q). 5 sigma each under the normal
-  // approximation (T = 40000): 5.7e-7 per statistic, union bound over the
-  // n + 2 = 42 statistics 2.4e-5.
+  // The kept count is Binomial(n, q). The Monte-Carlo rule of
+  // compressor_checks.hpp (5 sigma, T = 40000): 5.7e-7 per statistic, union
+  // bound over the n + 2 = 42 statistics 2.4e-5.
   constexpr std::size_t n = 40, trials = 40000;
   const double p = 0.3;
   const auto x = wave(n);
@@ -50,34 +45,29 @@ TEST_CASE("Bernoulli sparsification is unbiased with alpha = max 1/p (Monte Carl
   CHECK(q == doctest::Approx(p).epsilon(1e-6));
   CHECK(c.alpha() == doctest::Approx(1.0 / q));
   gcomp::sparse_payload<float> m;
-  std::vector<double> sum(n, 0.0);
-  double second = 0.0, kept = 0.0;
+  gcomp::test::monte_carlo mc(n, trials);
+  double kept = 0.0;
   for (std::size_t t = 0; t < trials; ++t) {
     c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{4, t, 1});
-    double sq = 0.0;
     for (std::size_t j = 0; j < m.size(); ++j) {
       REQUIRE(m.data[j] == x[m.indices[j]] * float(1.0 / q));
       if (j > 0) REQUIRE(m.indices[j] > m.indices[j - 1]);
-      sum[m.indices[j]] += m.data[j];
-      sq += double(m.data[j]) * m.data[j];
     }
-    second += sq;
+    mc.add_sparse_draw(m.indices, m.data);
     kept += double(m.size());
   }
-  for (std::size_t i = 0; i < n; ++i) {
-    const double sigma = std::fabs(x[i]) * std::sqrt((1.0 / q - 1.0) / trials);
-    CHECK(std::fabs(sum[i] / trials - x[i]) <= 5.0 * sigma);
-  }
+  mc.check_means([&](std::size_t i) { return x[i]; },
+                 [&](std::size_t i) { return double(x[i]) * x[i] * (1.0 / q - 1.0); });
   double norm2 = 0.0, fourth = 0.0;
   for (float v : x) {
     norm2 += double(v) * v;
     fourth += std::pow(double(v), 4);
   }
   const double sigma2 = std::sqrt(fourth * (1 - q) / (q * q * q) / trials);
-  CHECK(std::fabs(second / trials - norm2 / q) <= 5.0 * sigma2);
-  CHECK(second / trials <= c.alpha() * norm2 + 5.0 * sigma2);
+  gcomp::test::check_within_sigmas(mc.second_moment(), norm2 / q, sigma2, "E||C(x)||^2");
+  CHECK(mc.second_moment() <= c.alpha() * norm2 + 5.0 * sigma2);
   const double sigma_k = std::sqrt(n * q * (1 - q) / trials);
-  CHECK(std::fabs(kept / trials - n * q) <= 5.0 * sigma_k);
+  gcomp::test::check_within_sigmas(kept / trials, n * q, sigma_k, "kept count");
   CHECK(c.expected_kept(n) == doctest::Approx(n * q));
 }
 
@@ -122,8 +112,8 @@ TEST_CASE("per-layer Bernoulli uses each layer's p and never keeps gap elements"
     }
   }
   // Binomial counts, 5 sigma: a ~ Bin(50000, 0.1), b ~ Bin(50000, 0.5).
-  CHECK(std::fabs(double(in_a) - 5000.0) <= 5.0 * std::sqrt(50000 * 0.1 * 0.9));
-  CHECK(std::fabs(double(in_b) - 25000.0) <= 5.0 * std::sqrt(50000 * 0.25));
+  gcomp::test::check_within_sigmas(double(in_a), 5000.0, std::sqrt(50000 * 0.1 * 0.9), "kept in a");
+  gcomp::test::check_within_sigmas(double(in_b), 25000.0, std::sqrt(50000 * 0.25), "kept in b");
 }
 
 TEST_CASE("shared-key Bernoulli keeps the same set on every worker; per-worker does not") {
@@ -145,14 +135,12 @@ TEST_CASE("Bernoulli: host_seq and host_par 1, 2, 3, 7 agree; wire bytes exact; 
   const auto lay = gcomp::layout::from_layers({{"a", 0, 120000, {}}, {"b", 120000, 80000, {}}});
   const std::vector<double> p = {0.02, 0.3};
   gcomp::bernoulli_sparsifier<float> c(lay, p);
-  gcomp::sparse_payload<float> ref;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{3, 2, 1});
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    gcomp::sparse_payload<float> m;
-    c.compress(gcomp::host_par(threads), std::span<const float>(x), m, rng_key{3, 2, 1});
-    CHECK(m.indices == ref.indices);
-    CHECK(m.data == ref.data);
-  }
+  const auto ref = gcomp::test::check_same_payload_for_every_policy(
+      c, x, rng_key{3, 2, 1}, 0.5f, 0.25f, gcomp::test::reuse::one_compressor,
+      [](const auto& m, const auto& r) {
+        CHECK(m.indices == r.indices);
+        CHECK(m.data == r.data);
+      });
   std::vector<std::byte> bytes;
   encode(ref, bytes);
   CHECK(c.wire_bytes(ref) == bytes.size());

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/aggregate/allreduce.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/compress/chain.hpp"
@@ -19,47 +20,18 @@
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
+using gcomp::test::decompressed;
 
 namespace {
 
-// A small unbiased quantizer of its own: stochastic rounding to a grid of
-// step delta, q = delta * floor(x / delta + u) with u uniform from the key, so
-// E[q] = x and Var q = delta^2 f (1 - f), f the fractional part of x / delta.
-struct stochastic_grid {
-  using value_type = float;
-  using payload = gcomp::dense_payload<float>;
-  static constexpr bool unbiased = true;
-  static constexpr bool shared_support = false;
-  double delta = 0.5;
-
-  template <class Policy>
-  void compress(const Policy&, std::span<const float> g, payload& m, rng_key key) {
-    m.data.resize(g.size());
-    for (std::size_t i = 0; i < g.size(); ++i)
-      m.data[i] = float(delta * std::floor(double(g[i]) / delta + gcomp::uniform_double(key, i)));
-  }
-  template <class Policy>
-  void decompress_add(const Policy&, const payload& m, std::span<float> out, float scale) const {
-    gcomp::check_same_size("stochastic_grid", "out", out.size(), "message", m.size());
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] += scale * m.data[i];
-  }
-  std::size_t wire_bytes(const payload& m) const { return encoded_size(m); }
-  double bits_per_element(std::size_t n) const {
-    return n == 0 ? 0.0 : 8.0 * double(gcomp::wire::header_bytes + 4 * n) / double(n);
-  }
-};
+// A small unbiased quantizer of the tests' own: stochastic rounding to a grid
+// of step delta (default 0.5), E[q] = x and Var q = delta^2 f (1 - f).
+using stochastic_grid = gcomp::test::grid_compressor<gcomp::test::grid_rounding::stochastic>;
 
 std::vector<float> ramp(std::size_t n, float phase = 0.0f) {
   std::vector<float> x(n);
   for (std::size_t i = 0; i < n; ++i) x[i] = std::sin(0.7f * float(i) + phase) * 2.0f + 0.3f;
   return x;
-}
-
-template <class C>
-std::vector<float> decompressed(const C& c, const typename C::payload& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
 }
 
 using rk = gcomp::randomk<float>;
@@ -107,29 +79,26 @@ TEST_CASE("chain<random-k, random-k> is random-k of the kept values, scaled by b
 TEST_CASE("chain<random-k, stochastic rounding> is unbiased: Monte-Carlo mean within 5 sigma") {
   // Coordinate i is kept with probability k/n as y = (n/k) x_i, then rounded
   // stochastically: E[C_i] = x_i and E[C_i^2] = (k/n)(y^2 + delta^2 f (1 - f)),
-  // f the fractional part of y / delta. 5 sigma per coordinate under the
-  // normal approximation (T = 40000): failure 5.7e-7 each, union bound over
-  // n = 24 coordinates 1.4e-5.
+  // f the fractional part of y / delta. The Monte-Carlo rule of
+  // compressor_checks.hpp (5 sigma, T = 40000): failure 5.7e-7 each, union
+  // bound over n = 24 coordinates 1.4e-5.
   constexpr std::size_t n = 24, k = 6, trials = 40000;
   const auto x = ramp(n, 0.2f);
   stochastic_grid q{0.5};
   gcomp::chain<rk, stochastic_grid> c(rk({.k = k}), q);
   decltype(c)::payload m;
-  std::vector<double> sum(n, 0.0);
-  std::vector<float> dense(n);
+  gcomp::test::monte_carlo mc(n, trials);
   for (std::size_t t = 0; t < trials; ++t) {
     c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{5, t, 0});
-    std::fill(dense.begin(), dense.end(), 0.0f);
-    c.decompress_add(gcomp::host_seq{}, m, std::span<float>(dense), 1.0f);
-    for (std::size_t i = 0; i < n; ++i) sum[i] += dense[i];
+    mc.add_draw(decompressed(c, m, n));
   }
-  for (std::size_t i = 0; i < n; ++i) {
-    const double y = double(x[i] * float(double(n) / k));
-    const double f = y / q.delta - std::floor(y / q.delta);
-    const double second = double(k) / n * (y * y + q.delta * q.delta * f * (1 - f));
-    const double sigma = std::sqrt((second - double(x[i]) * x[i]) / trials);
-    CHECK(std::fabs(sum[i] / trials - x[i]) <= 5.0 * sigma);
-  }
+  mc.check_means([&](std::size_t i) { return x[i]; },
+                 [&](std::size_t i) {
+                   const double y = double(x[i] * float(double(n) / k));
+                   const double f = y / q.delta - std::floor(y / q.delta);
+                   const double second = double(k) / n * (y * y + q.delta * q.delta * f * (1 - f));
+                   return second - double(x[i]) * x[i];
+                 });
 }
 
 TEST_CASE("chain wire form: nested lengths, exact size, round trip, decode safety") {
@@ -212,20 +181,13 @@ TEST_CASE("chain: host_seq and host_par 1, 2, 3, 7 give the same payload and out
   constexpr std::size_t n = 200000;
   const auto x = ramp(n);
   gcomp::chain<shared_rk, rk> c(shared_rk({.ratio = 0.3}), rk({.ratio = 0.5}));
-  decltype(c)::payload ref;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{6, 1, 1});
-  const auto ref_out = decompressed(c, ref, n);
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    const gcomp::host_par pool(threads);
-    decltype(c)::payload m;
-    c.compress(pool, std::span<const float>(x), m, rng_key{6, 1, 1});
-    CHECK(m.support.indices == ref.support.indices);
-    CHECK(m.values_message.indices == ref.values_message.indices);
-    CHECK(m.values_message.data == ref.values_message.data);
-    std::vector<float> out(n, 0.0f);
-    c.decompress_add(pool, m, std::span<float>(out), 1.0f);
-    CHECK(out == ref_out);
-  }
+  gcomp::test::check_same_payload_for_every_policy(
+      c, x, rng_key{6, 1, 1}, 0.0f, 1.0f, gcomp::test::reuse::one_compressor,
+      [](const auto& m, const auto& ref) {
+        CHECK(m.support.indices == ref.support.indices);
+        CHECK(m.values_message.indices == ref.values_message.indices);
+        CHECK(m.values_message.data == ref.values_message.data);
+      });
 }
 
 TEST_CASE("chain rejects mismatched messages before writing the output") {

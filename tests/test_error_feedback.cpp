@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/aggregate/allreduce.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/compress/ef21.hpp"
@@ -21,28 +22,9 @@ using gcomp::rng_key;
 
 namespace {
 
-// A deterministic biased compressor of its own: rounds to a grid of step
-// `delta` (an epsilon-compressor in Khirirat et al.'s terms), dense payload.
-struct grid_round {
-  using value_type = float;
-  using payload = gcomp::dense_payload<float>;
-  static constexpr bool unbiased = false;
-  static constexpr bool shared_support = true;
-  float delta = 0.25f;
-
-  template <class Policy>
-  void compress(const Policy&, std::span<const float> g, payload& m, rng_key) {
-    m.data.resize(g.size());
-    for (std::size_t i = 0; i < g.size(); ++i) m.data[i] = delta * std::round(g[i] / delta);
-  }
-  template <class Policy>
-  void decompress_add(const Policy&, const payload& m, std::span<float> out, float scale) const {
-    gcomp::check_same_size("grid_round", "out", out.size(), "message", m.size());
-    for (std::size_t i = 0; i < out.size(); ++i) out[i] += scale * m.data[i];
-  }
-  std::size_t wire_bytes(const payload& m) const { return encoded_size(m); }
-  double bits_per_element(std::size_t) const { return 32.0; }
-};
+// A deterministic biased compressor of the tests' own: rounds to the nearest
+// point of a grid of step delta (an epsilon-compressor), dense payload.
+using grid_round = gcomp::test::grid_compressor<gcomp::test::grid_rounding::nearest>;
 
 std::vector<float> gradient(std::size_t n, std::uint64_t t) {
   std::vector<float> g(n);
@@ -151,12 +133,7 @@ TEST_CASE("error feedback: same payloads and residuals for host_seq and host_par
     }
     return std::pair{m.data, std::vector<float>(ef.residual().begin(), ef.residual().end())};
   };
-  const auto ref = run(gcomp::host_seq{});
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    const auto got = run(gcomp::host_par(threads));
-    CHECK(got.first == ref.first);
-    CHECK(got.second == ref.second);
-  }
+  gcomp::test::check_same_pair_for_every_policy(run);
 }
 
 TEST_CASE("error feedback and ef21 reject a gradient of another size, leaving their state alone") {

@@ -8,9 +8,12 @@
 #include <vector>
 
 #include "gcomp/optim/lamb.hpp"
+#include "optim_reference.hpp"
 
 static_assert(gcomp::optimizer<gcomp::lamb<float>>);
 static_assert(gcomp::optimizer<gcomp::lamb<double>, gcomp::host_par, double>);
+
+using gcomp::test::random_vector;
 
 namespace {
 
@@ -20,30 +23,26 @@ namespace {
 //   r = m_hat / (sqrt(v_hat) + eps);  u = r + lambda x
 //   x = x - lr * phi(||x||) / ||u|| * u   (ratio 1 if a norm is 0 or the layer is excluded)
 struct reference_lamb {
-  double lr, beta1, beta2, eps, weight_decay, min_trust, max_trust;
+  double lr, eps, weight_decay, min_trust, max_trust;
   std::vector<bool> excluded;
-  std::vector<double> m, v;
-  std::vector<int> t;
+  gcomp::test::adam_moments moments;  // beta1, beta2, m, v, t
 
   void step(const gcomp::layout& lay, std::vector<double>& x, const std::vector<double>& g,
             const std::vector<std::uint8_t>& active = {}) {
-    if (m.empty()) {
-      m.assign(x.size(), 0.0);
-      v.assign(x.size(), 0.0);
-      t.assign(lay.num_layers(), 0);
-    }
+    moments.start(x.size(), lay.num_layers());
+    const auto& m = moments.m;
+    const auto& v = moments.v;
     for (std::size_t d = 0; d < lay.num_layers(); ++d) {
       if (!active.empty() && !active[d]) continue;
-      const int k = ++t[d];
+      const int k = moments.count_step(d);
       const std::size_t b = lay[d].offset, e = b + lay[d].size;
       const double lambda = excluded[d] ? 0.0 : weight_decay;
       std::vector<double> u(lay[d].size);
       double xx = 0, uu = 0;
       for (std::size_t i = b; i < e; ++i) {
-        m[i] = beta1 * m[i] + (1 - beta1) * g[i];
-        v[i] = beta2 * v[i] + (1 - beta2) * g[i] * g[i];
-        const double m_hat = m[i] / (1 - std::pow(beta1, k));
-        const double v_hat = v[i] / (1 - std::pow(beta2, k));
+        moments.update(i, g[i]);
+        const double m_hat = m[i] / (1 - std::pow(moments.beta1, k));
+        const double v_hat = v[i] / (1 - std::pow(moments.beta2, k));
         u[i - b] = m_hat / (std::sqrt(v_hat) + eps) + lambda * x[i];
         xx += x[i] * x[i];
         uu += u[i - b] * u[i - b];
@@ -55,13 +54,6 @@ struct reference_lamb {
     }
   }
 };
-
-std::vector<double> random_vector(std::size_t n, std::mt19937& gen, double scale = 1.0) {
-  std::normal_distribution<double> dist(0.0, scale);
-  std::vector<double> v(n);
-  for (double& x : v) x = dist(gen);
-  return v;
-}
 
 bool is_norm(const gcomp::layer& l) { return l.name.rfind("bn", 0) == 0; }
 
@@ -80,16 +72,12 @@ void run_against_reference(const Policy& policy,
                       .max_trust = max_trust,
                       .exclude = is_norm});
   reference_lamb ref{0.01,
-                     0.85,
-                     0.995,
                      1e-6,
                      0.02,
                      0.0,
                      max_trust == inf ? inf : max_trust,
                      {false, true, true, false},
-                     {},
-                     {},
-                     {}};
+                     {.beta1 = 0.85, .beta2 = 0.995}};
   std::mt19937 gen(13);
   std::vector<double> x_ref = random_vector(lay.total_size(), gen, 0.05);
   std::vector<T> x(x_ref.begin(), x_ref.end());
@@ -105,7 +93,7 @@ void run_against_reference(const Policy& policy,
   for (std::size_t i = 0; i < x.size(); ++i)
     REQUIRE(double(x[i]) == doctest::Approx(x_ref[i]).epsilon(tolerance));
   for (std::size_t d = 0; d < lay.num_layers(); ++d)
-    CHECK(opt.layer_steps(d) == std::uint64_t(ref.t[d]));
+    CHECK(opt.layer_steps(d) == std::uint64_t(ref.moments.t[d]));
 }
 
 }  // namespace

@@ -10,26 +10,15 @@
 #include <vector>
 
 #include "gcomp/compress/natural.hpp"
+#include "compressor_checks.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
+using gcomp::test::decompressed;
+using gcomp::test::wave;
 
 namespace {
-
-std::vector<float> wave(std::size_t n, float phase = 0.0f) {
-  std::vector<float> x(n);
-  for (std::size_t i = 0; i < n; ++i)
-    x[i] = std::sin(0.37f * float(i) + phase) * (1.0f + 0.01f * float(i % 97)) + 0.05f;
-  return x;
-}
-
-std::vector<float> decompressed(const gcomp::natural<float>& c,
-                                const gcomp::quantized_payload<float>& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
-}
 
 constexpr float smallest_normal = 0x1p-126f;
 
@@ -45,10 +34,9 @@ TEST_CASE("natural compression is unbiased with the exact two-power law, subnorm
   // else sign(x_i) 2^e; a subnormal rounds to 2^-126 with probability
   // |x_i| / 2^-126, else to 0. Independently over i, so with lo_i, hi_i the two
   // magnitudes: Var C_i = p_i (1 - p_i) (hi_i - lo_i)^2, E||C||^2 = sum lo^2 +
-  // p (hi^2 - lo^2), Var ||C||^2 = sum p (1 - p) (hi^2 - lo^2)^2. The mean of
-  // T = 4000 draws is within 5 sigma except with probability 5.7e-7 per
-  // statistic (normal approximation): by the union bound over the n = 240
-  // coordinates and the second moment, below 1.4e-4 for the fixed keys.
+  // p (hi^2 - lo^2), Var ||C||^2 = sum p (1 - p) (hi^2 - lo^2)^2. By the
+  // Monte-Carlo rule of compressor_checks.hpp (5 sigma, T = 4000 draws) over
+  // the n = 240 coordinates and the second moment: below 1.4e-4.
   constexpr std::size_t trials = 4000;
   auto x = wave(200, 0.3f);
   for (int k = 0; k < 20; ++k) x.push_back(std::ldexp(1.0f + 0.05f * float(k), k - 10) * (k % 2 ? -1.0f : 1.0f));
@@ -83,35 +71,22 @@ TEST_CASE("natural compression is unbiased with the exact two-power law, subnorm
   }
   gcomp::natural<float> c;
   gcomp::quantized_payload<float> m;
-  std::vector<double> sum(n, 0.0);
-  double second = 0.0;
+  gcomp::test::monte_carlo mc(n, trials);
   for (std::size_t t = 0; t < trials; ++t) {
     c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{1, t, 3});
     const auto y = decompressed(c, m, n);
-    double sq = 0.0;
     for (std::size_t i = 0; i < n; ++i) {
       const double a = std::fabs(double(y[i]));
       REQUIRE((a == lo[i] || a == hi[i]));
       if (y[i] != 0.0f) REQUIRE(std::signbit(y[i]) == std::signbit(x[i]));
-      sum[i] += y[i];
-      sq += double(y[i]) * y[i];
     }
-    second += sq;
+    mc.add_draw(y);
   }
-  double worst = 0.0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const double sigma = (hi[i] - lo[i]) * std::sqrt(p[i] * (1 - p[i]) / trials);
-    const double d = std::fabs(sum[i] / trials - x[i]);
-    if (sigma == 0.0)
-      CHECK(d == 0.0);  // zero and powers of two are sent exactly
-    else
-      worst = std::max(worst, d / sigma);
-  }
-  INFO("largest |mean - x_i| in sigmas: " << worst);
-  CHECK(worst <= 5.0);
-  const double sigma2 = std::sqrt(var2 / trials), mean2 = second / trials;
-  INFO("E||C(x)||^2 estimate " << mean2 << ", exact " << exact2 << ", sigma " << sigma2);
-  CHECK(std::fabs(mean2 - exact2) <= 5.0 * sigma2);
+  // Zero and powers of two are sent exactly (variance 0, tolerance 0).
+  mc.check_means([&](std::size_t i) { return x[i]; },
+                 [&](std::size_t i) { return (hi[i] - lo[i]) * (hi[i] - lo[i]) * p[i] * (1 - p[i]); });
+  const double sigma2 = std::sqrt(var2 / trials), mean2 = mc.second_moment();
+  gcomp::test::check_within_sigmas(mean2, exact2, sigma2, "E||C(x)||^2");
   // alpha = 9/8 plus the documented subnormal term 2^-126 * sum |x_i| over subnormals.
   CHECK(c.alpha(n) == 9.0 / 8.0);
   CHECK(exact2 <= c.alpha(n) * norm2 + double(smallest_normal) * sub_l1);
@@ -175,33 +150,15 @@ TEST_CASE("natural compression gives the same payload for host_seq and host_par 
   constexpr std::size_t n = 300001;
   const auto x = wave(n, 0.7f);
   gcomp::natural<float> c;
-  gcomp::quantized_payload<float> ref;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{1, 4, 2});
-  std::vector<float> ref_out(n, 0.5f);
-  c.decompress_add(gcomp::host_seq{}, ref, std::span<float>(ref_out), 0.25f);
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    const gcomp::host_par pool(threads);
-    gcomp::natural<float> cp;
-    gcomp::quantized_payload<float> m;
-    cp.compress(pool, std::span<const float>(x), m, rng_key{1, 4, 2});
-    CHECK(m.words == ref.words);
-    std::vector<float> out(n, 0.5f);
-    cp.decompress_add(pool, m, std::span<float>(out), 0.25f);
-    CHECK(out == ref_out);
-  }
+  gcomp::test::check_same_payload_for_every_policy(
+      c, x, rng_key{1, 4, 2}, 0.5f, 0.25f, gcomp::test::reuse::fresh_per_policy,
+      [](const auto& m, const auto& ref) { CHECK(m.words == ref.words); });
 }
 
 TEST_CASE("natural compression rounds differently for different workers, steps and seeds") {
   const auto x = wave(4096);
   gcomp::natural<float> c;
-  gcomp::quantized_payload<float> a, b;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), a, rng_key{5, 1, 0});
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), b, rng_key{5, 1, 0});
-  CHECK(a.words == b.words);
-  for (rng_key other : {rng_key{5, 1, 1}, rng_key{5, 2, 0}, rng_key{6, 1, 0}}) {
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), b, other);
-    CHECK(a.words != b.words);
-  }
+  gcomp::test::check_rounding_follows_the_key(c, x, rng_key{5, 1, 0});
 }
 
 TEST_CASE("natural compression rejects non-finite and too large input and bad messages before writing") {
@@ -220,9 +177,7 @@ TEST_CASE("natural compression rejects non-finite and too large input and bad me
       c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{}),
       "gcomp::natural::compress: gradient[199999] = 2.55211775e+38 exceeds 2^127 and could round up to infinity",
       gcomp::error);
-  CHECK(m.dimension == before.dimension);
-  CHECK(m.words == before.words);
-  CHECK(m.bits == before.bits);
+  gcomp::test::check_quantized_unchanged(m, before);
 
   gcomp::quantized_payload<float> good;
   c.compress(gcomp::host_seq{}, std::span<const float>(wave(10)), good, rng_key{});

@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/compress/error_feedback.hpp"
 #include "gcomp/compress/powersgd.hpp"
 #include "gcomp/core/concepts.hpp"
@@ -286,12 +287,7 @@ TEST_CASE("PowerSGD: host_seq and host_par with 1, 2, 3, 7 threads agree bitwise
     c.decompress_add(policy, msg, std::span<float>(out), 2.0f);
     return std::pair{msg.data, out};
   };
-  const auto ref = run(gcomp::host_seq{});
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    const auto got = run(gcomp::host_par(threads));
-    CHECK(got.first == ref.first);
-    CHECK(got.second == ref.second);
-  }
+  gcomp::test::check_same_pair_for_every_policy(run);
 }
 
 TEST_CASE("PowerSGD rejects bad options and input before writing anything") {

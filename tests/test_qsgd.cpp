@@ -11,28 +11,13 @@
 #include <vector>
 
 #include "gcomp/compress/qsgd.hpp"
+#include "compressor_checks.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
-
-namespace {
-
-std::vector<float> wave(std::size_t n, float phase = 0.0f) {
-  std::vector<float> x(n);
-  for (std::size_t i = 0; i < n; ++i)
-    x[i] = std::sin(0.37f * float(i) + phase) * (1.0f + 0.01f * float(i % 97)) + 0.05f;
-  return x;
-}
-
-template <class C, class T = float>
-std::vector<T> decompressed(const C& c, const typename C::payload& m, std::size_t n) {
-  std::vector<T> out(n, T(0));
-  c.decompress_add(gcomp::host_seq{}, m, std::span<T>(out), T(1));
-  return out;
-}
-
-}  // namespace
+using gcomp::test::decompressed;
+using gcomp::test::wave;
 
 static_assert(gcomp::compressor<gcomp::qsgd<float>>);
 static_assert(gcomp::compressor<gcomp::qsgd<double>, gcomp::host_par, double>);
@@ -56,11 +41,9 @@ TEST_CASE("QSGD is unbiased and its second moment matches the two-point law (5 s
   // Var C_i = (norm / s)^2 p_i (1 - p_i), and ||C||^2 is a sum of independent
   // two-point variables: E||C||^2 = sum (lo_i^2 + p_i (hi_i^2 - lo_i^2)),
   // Var ||C||^2 = sum p_i (1 - p_i) (hi_i^2 - lo_i^2)^2.
-  // The mean of T = 4000 draws is within 5 sigma of its expectation except
-  // with probability 5.7e-7 per statistic (normal approximation); by the
-  // union bound over the n = 200 coordinates and the second moment a correct
+  // By the Monte-Carlo rule of compressor_checks.hpp (5 sigma, T = 4000
+  // draws) over the n = 200 coordinates and the second moment a correct
   // quantizer fails this test with probability below 201 * 5.7e-7 = 1.2e-4.
-  // The keys are fixed, so the outcome is reproducible.
   constexpr std::size_t n = 200, trials = 4000;
   for (unsigned levels : {1u, 3u, 7u}) {
     CAPTURE(levels);
@@ -85,41 +68,26 @@ TEST_CASE("QSGD is unbiased and its second moment matches the two-point law (5 s
       var2 += p[i] * (1 - p[i]) * std::pow(hi[i] * hi[i] - lo[i] * lo[i], 2);
       norm2 += double(x[i]) * x[i];
     }
-    std::vector<double> sum(n, 0.0);
-    double second = 0.0;
+    gcomp::test::monte_carlo mc(n, trials);
     for (std::size_t t = 0; t < trials; ++t) {
       c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{1, t, 3});
       REQUIRE(m.scales == norms);
       const auto y = decompressed(c, m, n);
-      double sq = 0.0;
       for (std::size_t i = 0; i < n; ++i) {
         const double a = std::fabs(double(y[i]));
         // Every draw is one of the two neighbouring levels, with x's sign.
         REQUIRE((a == doctest::Approx(lo[i]).epsilon(1e-6) || a == doctest::Approx(hi[i]).epsilon(1e-6)));
         if (y[i] != 0.0f) REQUIRE((y[i] < 0) == (x[i] < 0));
-        sum[i] += y[i];
-        sq += double(y[i]) * y[i];
       }
-      second += sq;
+      mc.add_draw(y);
     }
-    double worst = 0.0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const double sigma = (hi[i] - lo[i]) * std::sqrt(p[i] * (1 - p[i]) / trials);
-      const double mean = sum[i] / trials;
-      // Exact levels (p = 0) leave no randomness: the mean is the level itself.
-      const double d = std::fabs(mean - x[i]);
-      if (sigma == 0.0) {
-        CHECK(d <= 1e-6 * std::fabs(x[i]) + 1e-12);
-      } else {
-        worst = std::max(worst, d / sigma);
-      }
-    }
-    INFO("largest |mean - x_i| in sigmas: " << worst);
-    CHECK(worst <= 5.0);
+    mc.check_means([&](std::size_t i) { return x[i]; },
+                   [&](std::size_t i) { return (hi[i] - lo[i]) * (hi[i] - lo[i]) * p[i] * (1 - p[i]); },
+                   // Exact levels (p = 0) leave no randomness: the mean is the level itself.
+                   [&](std::size_t i) { return 1e-6 * std::fabs(x[i]) + 1e-12; });
     const double sigma2 = std::sqrt(var2 / trials);
-    const double mean2 = second / trials;
-    INFO("E||C(x)||^2 estimate " << mean2 << ", exact " << exact2 << ", sigma " << sigma2);
-    CHECK(std::fabs(mean2 - exact2) <= 5.0 * sigma2);
+    const double mean2 = mc.second_moment();
+    gcomp::test::check_within_sigmas(mean2, exact2, sigma2, "E||C(x)||^2");
     // The bound of Alistarh et al. holds for the exact moment and, up to the
     // same 5 sigma slack, for the estimate.
     CHECK(exact2 <= c.alpha(n) * norm2);
@@ -205,20 +173,12 @@ TEST_CASE("QSGD gives the same payload for host_seq and host_par with 1, 2, 3 an
   const auto x = wave(n, 0.7f);
   for (std::size_t bucket : {std::size_t{500}, std::size_t{512}, std::size_t{0}}) {
     gcomp::qsgd<float> c({.levels = 15, .bucket = bucket});
-    gcomp::quantized_payload<float> ref;
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{1, 4, 2});
-    std::vector<float> ref_out(n, 0.5f);
-    c.decompress_add(gcomp::host_seq{}, ref, std::span<float>(ref_out), 0.25f);
-    for (unsigned threads : {1u, 2u, 3u, 7u}) {
-      const gcomp::host_par pool(threads);
-      gcomp::quantized_payload<float> m;
-      c.compress(pool, std::span<const float>(x), m, rng_key{1, 4, 2});
-      CHECK(m.scales == ref.scales);
-      CHECK(m.words == ref.words);
-      std::vector<float> out(n, 0.5f);
-      c.decompress_add(pool, m, std::span<float>(out), 0.25f);
-      CHECK(out == ref_out);
-    }
+    gcomp::test::check_same_payload_for_every_policy(
+        c, x, rng_key{1, 4, 2}, 0.5f, 0.25f, gcomp::test::reuse::one_compressor,
+        [](const auto& m, const auto& ref) {
+          CHECK(m.scales == ref.scales);
+          CHECK(m.words == ref.words);
+        });
   }
 }
 
@@ -226,15 +186,7 @@ TEST_CASE("QSGD rounds differently for different workers, steps and seeds") {
   constexpr std::size_t n = 4096;
   const auto x = wave(n);
   gcomp::qsgd<float> c({.levels = 3, .bucket = 512});
-  gcomp::quantized_payload<float> a, b;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), a, rng_key{5, 1, 0});
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), b, rng_key{5, 1, 0});
-  CHECK(a.words == b.words);
-  for (rng_key other : {rng_key{5, 1, 1}, rng_key{5, 2, 0}, rng_key{6, 1, 0}}) {
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), b, other);
-    CHECK(a.scales == b.scales);
-    CHECK(a.words != b.words);
-  }
+  gcomp::test::check_rounding_follows_the_key(c, x, rng_key{5, 1, 0});
 }
 
 TEST_CASE("QSGD rejects bad options and bad input before writing anything") {
@@ -259,9 +211,7 @@ TEST_CASE("QSGD rejects bad options and bad input before writing anything") {
   x[7] = 1.0f;
   CHECK_THROWS_WITH_AS(c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{}),
                        "gcomp::qsgd::compress: gradient[9] = inf is not finite", gcomp::error);
-  CHECK(m.dimension == before.dimension);
-  CHECK(m.scales == before.scales);
-  CHECK(m.words == before.words);
+  gcomp::test::check_quantized_unchanged(m, before);
 
   // decompress_add checks the message against out and the compressor.
   gcomp::quantized_payload<float> good;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/aggregate/allreduce.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/compress/random_block.hpp"
@@ -16,6 +17,7 @@
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
+using gcomp::test::decompressed;
 
 namespace {
 
@@ -23,13 +25,6 @@ std::vector<float> wave(std::size_t n, float phase = 0.0f) {
   std::vector<float> x(n);
   for (std::size_t i = 0; i < n; ++i) x[i] = std::cos(0.61f * float(i) + phase) + 0.1f * float(i % 5);
   return x;
-}
-
-template <class C>
-std::vector<float> decompressed(const C& c, const typename C::payload& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
 }
 
 }  // namespace
@@ -99,26 +94,24 @@ TEST_CASE("over all n offsets the block is exactly unbiased and the unscaled blo
 TEST_CASE("the shared offset is uniform and the compressor unbiased by Monte Carlo (5 sigma)") {
   // Offsets: each of the n values has Binomial(T, 1/n) hits; C(x)_i is
   // (n/k) x_i with probability k/n, so its T-draw mean has sigma
-  // |x_i| sqrt((n/k - 1)/T). 5 sigma per statistic (normal approximation,
-  // 5.7e-7 each), union bound over 2n = 40 statistics: 2.3e-5.
+  // |x_i| sqrt((n/k - 1)/T). The Monte-Carlo rule of compressor_checks.hpp
+  // (5 sigma, 5.7e-7 each), union bound over 2n = 40 statistics: 2.3e-5.
   constexpr std::size_t n = 20, k = 4, trials = 40000;
   const auto x = wave(n, 1.3f);
   gcomp::random_contiguous_block<float> c({.k = k});
   gcomp::block_payload<float> m;
   std::vector<std::size_t> hits(n, 0);
-  std::vector<double> sum(n, 0.0);
+  gcomp::test::monte_carlo mc(n, trials);
   for (std::size_t t = 0; t < trials; ++t) {
     c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{17, t, 0});
     ++hits[m.offset];
-    for (std::size_t j = 0; j < k; ++j) sum[(m.offset + j) % n] += m.data[j];
+    for (std::size_t j = 0; j < k; ++j) mc.add((m.offset + j) % n, m.data[j]);
   }
   const double p = 1.0 / n;
   for (std::size_t o = 0; o < n; ++o)
-    CHECK(std::fabs(double(hits[o]) - trials * p) <= 5.0 * std::sqrt(trials * p * (1 - p)));
-  for (std::size_t i = 0; i < n; ++i) {
-    const double sigma = std::fabs(x[i]) * std::sqrt((double(n) / k - 1.0) / trials);
-    CHECK(std::fabs(sum[i] / trials - x[i]) <= 5.0 * sigma);
-  }
+    gcomp::test::check_within_sigmas(double(hits[o]), trials * p, std::sqrt(trials * p * (1 - p)), "offset hits");
+  mc.check_means([&](std::size_t i) { return x[i]; },
+                 [&](std::size_t i) { return double(x[i]) * x[i] * (double(n) / k - 1.0); });
   CHECK(c.alpha(n) == doctest::Approx(5.0));
 }
 
@@ -126,20 +119,12 @@ TEST_CASE("random block: host_seq and host_par with 1, 2, 3, 7 threads agree bit
   constexpr std::size_t n = 250000;
   const auto x = wave(n);
   gcomp::random_contiguous_block<float> c({.ratio = 0.3});
-  gcomp::block_payload<float> ref;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{3, 3, 3});
-  std::vector<float> ref_out(n, 1.0f);
-  c.decompress_add(gcomp::host_seq{}, ref, std::span<float>(ref_out), -0.5f);
-  for (unsigned threads : {1u, 2u, 3u, 7u}) {
-    const gcomp::host_par pool(threads);
-    gcomp::block_payload<float> m;
-    c.compress(pool, std::span<const float>(x), m, rng_key{3, 3, 3});
-    CHECK(m.offset == ref.offset);
-    CHECK(m.data == ref.data);
-    std::vector<float> out(n, 1.0f);
-    c.decompress_add(pool, m, std::span<float>(out), -0.5f);
-    CHECK(out == ref_out);
-  }
+  gcomp::test::check_same_payload_for_every_policy(c, x, rng_key{3, 3, 3}, 1.0f, -0.5f,
+                                                   gcomp::test::reuse::one_compressor,
+                                                   [](const auto& m, const auto& ref) {
+                                                     CHECK(m.offset == ref.offset);
+                                                     CHECK(m.data == ref.data);
+                                                   });
 }
 
 TEST_CASE("random block wire form: exact sizes, round trip, support form, decode safety") {

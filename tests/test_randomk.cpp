@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "compressor_checks.hpp"
 #include "gcomp/aggregate/allreduce.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/compress/randomk.hpp"
@@ -17,22 +18,10 @@
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
+using gcomp::test::decompressed;
+using gcomp::test::wave;
 
 namespace {
-
-std::vector<float> wave(std::size_t n, float phase = 0.0f) {
-  std::vector<float> x(n);
-  for (std::size_t i = 0; i < n; ++i)
-    x[i] = std::sin(0.37f * float(i) + phase) * (1.0f + 0.01f * float(i % 97)) + 0.05f;
-  return x;
-}
-
-template <class C>
-std::vector<float> decompressed(const C& c, const typename C::payload& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
-}
 
 void check_sorted_distinct(const gcomp::sparse_payload<float>& m, std::size_t n, std::size_t k) {
   REQUIRE(m.indices.size() == k);
@@ -98,41 +87,29 @@ TEST_CASE("the sorted and the bitmap sampler draw the same set from the same key
 
 TEST_CASE("random-k is unbiased: the Monte-Carlo mean matches x within 5 sigma per coordinate") {
   // C(x)_i = (n/k) x_i with probability k/n, else 0, so Var C(x)_i = x_i^2 (n/k - 1)
-  // and the mean of T draws has sigma_i = |x_i| sqrt((n/k - 1) / T). Under the
-  // normal approximation (T = 40000) one coordinate leaves 5 sigma with
-  // probability 5.7e-7; by the union bound a correct sampler fails this test
-  // for a given seed with probability below n * 5.7e-7 = 2.9e-5. The key is
-  // fixed, so the outcome is reproducible.
+  // and the mean of T draws has sigma_i = |x_i| sqrt((n/k - 1) / T). By the
+  // Monte-Carlo rule of compressor_checks.hpp (5 sigma, T = 40000) a correct
+  // sampler fails the n means with probability below n * 5.7e-7 = 2.9e-5.
   constexpr std::size_t n = 50, k = 5, trials = 40000;
   const auto x = wave(n, 0.3f);
   gcomp::randomk<float> c({.k = k});
   gcomp::sparse_payload<float> m;
-  std::vector<double> sum(n, 0.0);
+  gcomp::test::monte_carlo mc(n, trials);
   std::vector<std::size_t> hits(n, 0);
-  double second_moment = 0.0;
   for (std::size_t t = 0; t < trials; ++t) {
     c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{3, t, 1});
-    double sq = 0.0;
-    for (std::size_t j = 0; j < k; ++j) {
-      sum[m.indices[j]] += m.data[j];
-      ++hits[m.indices[j]];
-      sq += double(m.data[j]) * m.data[j];
-    }
-    second_moment += sq;
+    mc.add_sparse_draw(m.indices, m.data);
+    for (std::size_t j = 0; j < k; ++j) ++hits[m.indices[j]];
   }
   const double ratio = double(n) / double(k);
-  double worst = 0.0;
+  mc.check_means([&](std::size_t i) { return x[i]; },
+                 [&](std::size_t i) { return double(x[i]) * x[i] * (ratio - 1.0); });
   for (std::size_t i = 0; i < n; ++i) {
-    const double mean = sum[i] / double(trials);
-    const double sigma = std::fabs(x[i]) * std::sqrt((ratio - 1.0) / double(trials));
-    worst = std::max(worst, std::fabs(mean - x[i]) / sigma);
     // The inclusion frequency is Binomial(T, k/n): the same 5-sigma rule.
     const double p = double(k) / double(n);
     const double freq_sigma = std::sqrt(double(trials) * p * (1 - p));
-    CHECK(std::fabs(double(hits[i]) - double(trials) * p) <= 5.0 * freq_sigma);
+    gcomp::test::check_within_sigmas(double(hits[i]), double(trials) * p, freq_sigma, "hits");
   }
-  INFO("largest |mean - x_i| in sigmas: " << worst);
-  CHECK(worst <= 5.0);
 
   // ||C(x)||^2 = (n/k)^2 * (sum of k values y_i = x_i^2 drawn without
   // replacement), so E = (n/k) ||x||^2 exactly and, with the population
@@ -145,9 +122,8 @@ TEST_CASE("random-k is unbiased: the Monte-Carlo mean matches x within 5 sigma p
   s2 /= n;
   const double expected = ratio * norm2;
   const double sigma = ratio * ratio * std::sqrt(k * s2 * double(n - k) / double(n - 1) / trials);
-  const double mean2 = second_moment / trials;
-  INFO("E||C(x)||^2 estimate " << mean2 << ", exact " << expected << ", sigma " << sigma);
-  CHECK(std::fabs(mean2 - expected) <= 5.0 * sigma);
+  const double mean2 = mc.second_moment();
+  gcomp::test::check_within_sigmas(mean2, expected, sigma, "E||C(x)||^2");
   // alpha = n / k: the empirical mean stays below alpha ||x||^2 up to that slack.
   CHECK(c.alpha(n) == doctest::Approx(ratio));
   CHECK(mean2 <= c.alpha(n) * norm2 + 5.0 * sigma);
@@ -211,22 +187,13 @@ TEST_CASE("random-k gives the same payload for host_seq and host_par with 1, 2, 
   const auto x = wave(n, 0.7f);
   for (std::size_t k : {std::size_t{20000}, std::size_t{200000}}) {  // sampled and complement paths
     gcomp::randomk<float> c({.k = k});
-    gcomp::sparse_payload<float> ref;
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{1, 4, 2});
+    const auto ref = gcomp::test::check_same_payload_for_every_policy(
+        c, x, rng_key{1, 4, 2}, 0.5f, 0.25f, gcomp::test::reuse::fresh_per_policy,
+        [](const auto& m, const auto& r) {
+          CHECK(m.indices == r.indices);
+          CHECK(m.data == r.data);
+        });
     check_sorted_distinct(ref, n, k);
-    std::vector<float> ref_out(n, 0.5f);
-    c.decompress_add(gcomp::host_seq{}, ref, std::span<float>(ref_out), 0.25f);
-    for (unsigned threads : {1u, 2u, 3u, 7u}) {
-      const gcomp::host_par pool(threads);
-      gcomp::randomk<float> cp({.k = k});
-      gcomp::sparse_payload<float> m;
-      cp.compress(pool, std::span<const float>(x), m, rng_key{1, 4, 2});
-      CHECK(m.indices == ref.indices);
-      CHECK(m.data == ref.data);
-      std::vector<float> out(n, 0.5f);
-      cp.decompress_add(pool, m, std::span<float>(out), 0.25f);
-      CHECK(out == ref_out);
-    }
   }
 }
 
@@ -283,9 +250,7 @@ TEST_CASE("random-k rejects bad options and bad input before writing anything") 
   const auto before = m;
   CHECK_THROWS_WITH_AS(c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{}),
                        "gcomp::randomk::kept: k = 8 exceeds the gradient size 5", gcomp::error);
-  CHECK(m.indices == before.indices);
-  CHECK(m.data == before.data);
-  CHECK(m.dimension == before.dimension);
+  gcomp::test::check_sparse_unchanged(m, before);
 
   // decompress_add: wrong size, wrong k, unsorted or out-of-range indices.
   gcomp::randomk<float> c2({.k = 2});

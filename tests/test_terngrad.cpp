@@ -9,28 +9,13 @@
 #include <vector>
 
 #include "gcomp/compress/terngrad.hpp"
+#include "compressor_checks.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "wire_fuzz.hpp"
 
 using gcomp::rng_key;
-
-namespace {
-
-std::vector<float> wave(std::size_t n, float phase = 0.0f) {
-  std::vector<float> x(n);
-  for (std::size_t i = 0; i < n; ++i)
-    x[i] = std::sin(0.37f * float(i) + phase) * (1.0f + 0.01f * float(i % 97)) + 0.05f;
-  return x;
-}
-
-std::vector<float> decompressed(const gcomp::terngrad<float>& c,
-                                const gcomp::quantized_payload<float>& m, std::size_t n) {
-  std::vector<float> out(n, 0.0f);
-  c.decompress_add(gcomp::host_seq{}, m, std::span<float>(out), 1.0f);
-  return out;
-}
-
-}  // namespace
+using gcomp::test::decompressed;
+using gcomp::test::wave;
 
 static_assert(gcomp::compressor<gcomp::terngrad<float>>);
 static_assert(gcomp::compressor<gcomp::terngrad<double>, gcomp::host_par, double>);
@@ -41,10 +26,9 @@ TEST_CASE("TernGrad is unbiased and its second moment matches the ternary law (5
   // C(x)_i = sign(x_i) s_t with probability p_i = |x_i| / s_t, else 0,
   // independently over i (s_t = max |x| of i's bucket). So E C_i = x_i,
   // Var C_i = s_t^2 p_i (1 - p_i) = s_t |x_i| - x_i^2, E||C||^2 = sum s_t |x_i|
-  // and Var ||C||^2 = sum s_t^4 p_i (1 - p_i). The mean of T = 4000 draws is
-  // within 5 sigma except with probability 5.7e-7 per statistic (normal
-  // approximation); the union bound over n = 200 coordinates and the second
-  // moment gives a false-failure probability below 1.2e-4 for the fixed keys.
+  // and Var ||C||^2 = sum s_t^4 p_i (1 - p_i). By the Monte-Carlo rule of
+  // compressor_checks.hpp (5 sigma, T = 4000 draws) over n = 200 coordinates
+  // and the second moment: a false-failure probability below 1.2e-4.
   constexpr std::size_t n = 200, trials = 4000;
   for (std::size_t bucket : {std::size_t{64}, std::size_t{0}}) {
     CAPTURE(bucket);
@@ -64,34 +48,21 @@ TEST_CASE("TernGrad is unbiased and its second moment matches the ternary law (5
       var2 += p[i] * (1 - p[i]) * std::pow(st[i], 4);
       norm2 += double(x[i]) * x[i];
     }
-    std::vector<double> sum(n, 0.0);
-    double second = 0.0;
+    gcomp::test::monte_carlo mc(n, trials);
     for (std::size_t t = 0; t < trials; ++t) {
       c.compress(gcomp::host_seq{}, std::span<const float>(x), m, rng_key{1, t, 3});
       REQUIRE(m.scales == scales);
       const auto y = decompressed(c, m, n);
-      double sq = 0.0;
-      for (std::size_t i = 0; i < n; ++i) {
+      for (std::size_t i = 0; i < n; ++i)
         REQUIRE((y[i] == 0.0f || y[i] == (x[i] < 0 ? -float(st[i]) : float(st[i]))));
-        sum[i] += y[i];
-        sq += double(y[i]) * y[i];
-      }
-      second += sq;
+      mc.add_draw(y);
     }
-    double worst = 0.0;
-    for (std::size_t i = 0; i < n; ++i) {
-      const double sigma = st[i] * std::sqrt(p[i] * (1 - p[i]) / trials);
-      const double d = std::fabs(sum[i] / trials - x[i]);
-      if (sigma == 0.0)
-        CHECK(d <= 1e-6 * std::fabs(x[i]));  // the bucket's maximum is always sent
-      else
-        worst = std::max(worst, d / sigma);
-    }
-    INFO("largest |mean - x_i| in sigmas: " << worst);
-    CHECK(worst <= 5.0);
-    const double sigma2 = std::sqrt(var2 / trials), mean2 = second / trials;
-    INFO("E||C(x)||^2 estimate " << mean2 << ", exact " << exact2 << ", sigma " << sigma2);
-    CHECK(std::fabs(mean2 - exact2) <= 5.0 * sigma2);
+    mc.check_means([&](std::size_t i) { return x[i]; },
+                   [&](std::size_t i) { return st[i] * st[i] * p[i] * (1 - p[i]); },
+                   // The bucket's maximum is always sent.
+                   [&](std::size_t i) { return 1e-6 * std::fabs(x[i]); });
+    const double sigma2 = std::sqrt(var2 / trials), mean2 = mc.second_moment();
+    gcomp::test::check_within_sigmas(mean2, exact2, sigma2, "E||C(x)||^2");
     // alpha = sqrt(d): E||C||^2 = s_t ||x||_1 <= sqrt(d) ||x||^2 per bucket.
     const double d = double(bucket == 0 ? n : bucket);
     CHECK(c.alpha(n) == doctest::Approx(std::sqrt(d)));
@@ -156,34 +127,19 @@ TEST_CASE("TernGrad gives the same payload for host_seq and host_par with 1, 2, 
   const auto x = wave(n, 0.7f);
   for (std::size_t bucket : {std::size_t{500}, std::size_t{512}, std::size_t{0}}) {
     gcomp::terngrad<float> c({.bucket = bucket});
-    gcomp::quantized_payload<float> ref;
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), ref, rng_key{1, 4, 2});
-    std::vector<float> ref_out(n, 0.5f);
-    c.decompress_add(gcomp::host_seq{}, ref, std::span<float>(ref_out), 0.25f);
-    for (unsigned threads : {1u, 2u, 3u, 7u}) {
-      const gcomp::host_par pool(threads);
-      gcomp::quantized_payload<float> m;
-      c.compress(pool, std::span<const float>(x), m, rng_key{1, 4, 2});
-      CHECK(m.scales == ref.scales);
-      CHECK(m.words == ref.words);
-      std::vector<float> out(n, 0.5f);
-      c.decompress_add(pool, m, std::span<float>(out), 0.25f);
-      CHECK(out == ref_out);
-    }
+    gcomp::test::check_same_payload_for_every_policy(
+        c, x, rng_key{1, 4, 2}, 0.5f, 0.25f, gcomp::test::reuse::one_compressor,
+        [](const auto& m, const auto& ref) {
+          CHECK(m.scales == ref.scales);
+          CHECK(m.words == ref.words);
+        });
   }
 }
 
 TEST_CASE("TernGrad rounds differently for different workers, steps and seeds") {
   const auto x = wave(4096);
   gcomp::terngrad<float> c;
-  gcomp::quantized_payload<float> a, b;
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), a, rng_key{5, 1, 0});
-  c.compress(gcomp::host_seq{}, std::span<const float>(x), b, rng_key{5, 1, 0});
-  CHECK(a.words == b.words);
-  for (rng_key other : {rng_key{5, 1, 1}, rng_key{5, 2, 0}, rng_key{6, 1, 0}}) {
-    c.compress(gcomp::host_seq{}, std::span<const float>(x), b, other);
-    CHECK(a.words != b.words);
-  }
+  gcomp::test::check_rounding_follows_the_key(c, x, rng_key{5, 1, 0});
 }
 
 TEST_CASE("TernGrad rejects bad input and bad messages before writing anything") {
@@ -196,9 +152,7 @@ TEST_CASE("TernGrad rejects bad input and bad messages before writing anything")
   x[8] = std::numeric_limits<float>::quiet_NaN();
   CHECK_THROWS_WITH_AS(c.compress(gcomp::host_par(3), std::span<const float>(x), m, rng_key{}),
                        "gcomp::terngrad::compress: gradient[3] = -inf is not finite", gcomp::error);
-  CHECK(m.dimension == before.dimension);
-  CHECK(m.scales == before.scales);
-  CHECK(m.words == before.words);
+  gcomp::test::check_quantized_unchanged(m, before);
 
   gcomp::quantized_payload<float> good;
   c.compress(gcomp::host_seq{}, std::span<const float>(wave(10)), good, rng_key{});
