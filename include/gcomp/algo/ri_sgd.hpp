@@ -1,0 +1,163 @@
+// RI-SGD, redundancy-infused local SGD (Haddadpour, Kamani, Mahdavi, Cadambe, "Trading Redundancy
+// for Communication: Speeding up Distributed SGD for Non-convex Optimization", ICML 2019), and
+// local SGD as its mu = 0 case.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "gcomp/aggregate/periodic_average.hpp"
+#include "gcomp/comm/stats.hpp"
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/error.hpp"
+#include "gcomp/core/layout.hpp"
+#include "gcomp/data/shard.hpp"
+#include "gcomp/optim/sgd.hpp"
+
+namespace gcomp {
+
+/// The paper's defaults (the authors' code: mu = 0.25 with 8 workers, tau = 50,
+/// momentum 0.9, weight decay 2e-4).
+struct ri_sgd_options {
+  /// mu: every worker also holds mu * M of its neighbours' shards (see shard_plan).
+  double redundancy = 0.25;
+  /// tau: local steps between two parameter averages.
+  std::size_t period = 50;
+  /// B / M: samples per step from the worker's own shard; the redundant
+  /// parts add their proportional share (see shard_sampler).
+  std::size_t own_batch = 32;
+  /// The local optimizer; its momentum buffer stays local (never averaged).
+  sgd_options optimizer{.lr = 0.01, .momentum = 0.9, .weight_decay = 2e-4};
+  /// Seed of the mini-batch streams rng_key{seed, step, worker}.
+  std::uint64_t seed = 0;
+  /// Measure ||x_m - mean||^2 before every average (periodic_average_options).
+  bool measure_disagreement = false;
+};
+
+/// One worker of RI-SGD. Per local step the trainer asks batch() for the
+/// sample indices, computes the gradient of its model on them, and calls
+/// step(): one momentum-SGD step on the local model (gcomp::sgd), then every
+/// tau-th step an all-reduce mean of the parameters (periodic_average).
+///
+/// Failure tolerance: when a worker leaves, every survivor calls
+/// remove_worker(j) and from then on passes a communicator of the survivors
+/// only, in which worker plan().survivors()[r] has rank r; step() checks
+/// both. covered() says whether every sample is still held by a survivor,
+/// which one lost worker cannot break while mu * M >= 1.
+template <class T = float>
+class ri_sgd {
+ public:
+  using value_type = T;
+
+  /// Worker `worker` of `workers`, over a data set of `samples` samples.
+  ri_sgd(std::size_t samples, int workers, int worker, ri_sgd_options options = {})
+      : options_(options),
+        plan_(samples, workers, options.redundancy),
+        worker_(worker),
+        sampler_(plan_, worker, options.own_batch, options.seed),
+        optimizer_(options.optimizer),
+        averager_(periodic_average_options{options.period, options.measure_disagreement}),
+        batch_(sampler_.batch_size()) {}
+
+  const ri_sgd_options& options() const { return options_; }
+  int worker() const { return worker_; }
+  const shard_plan& plan() const { return plan_; }
+  const shard_sampler& sampler() const { return sampler_; }
+
+  /// The samples of the next step's mini-batch (own shard first, then the
+  /// redundant parts); the same until step() is called.
+  std::span<const std::size_t> batch() {
+    if (batch_step_ != steps()) {
+      sampler_.sample(steps(), std::span<std::size_t>(batch_));
+      batch_step_ = steps();
+    }
+    return batch_;
+  }
+
+  /// One local step with the gradient of the local model on batch(); returns
+  /// whether the parameters were averaged afterwards. comm must be the group
+  /// of the remaining workers, this worker at rank plan().survivor_rank().
+  /// Argument errors throw before params change; a collective that fails on
+  /// another rank throws after the local step.
+  template <class Policy, class Comm>
+    requires communicator<Comm, Policy, T> && gcomp::optimizer<sgd<T>, Policy, T>
+  bool step(const Policy& policy, Comm& comm, const layout& lay, std::span<T> params,
+            std::span<const T> grads) {
+    constexpr std::string_view where = "gcomp::ri_sgd::step";
+    require(plan_.active(worker_), where, "worker ", worker_,
+            " was removed from the group and cannot step");
+    require(comm.size() == plan_.active_workers(), where, "comm has size ", comm.size(), " but ",
+            plan_.active_workers(),
+            " workers remain; pass the communicator of the remaining workers");
+    const int rank = plan_.survivor_rank(worker_);
+    require(comm.rank() == rank, where, "comm.rank() is ", comm.rank(), " but worker ", worker_,
+            " must have rank ", rank, " among the remaining workers");
+    lay.check_buffer(where, "params", params.size());
+    check_same_size(where, "grads", grads.size(), "params", params.size());
+    // One object trains one model; checked here so that a new size throws
+    // before the local step rather than in the averaging after it.
+    if (steps() > 0)
+      check_same_size(where, "params", params.size(), "the parameters of earlier steps", size_);
+    optimizer_.step(policy, lay, params, grads);
+    size_ = params.size();
+    return averager_.step(policy, comm, params);
+  }
+
+  /// Worker j left the group. Every survivor calls it (j may be this worker
+  /// itself, which then stops stepping). Returns covered().
+  bool remove_worker(int worker) {
+    plan_.remove(worker);
+    return covered();
+  }
+
+  /// Whether every shard still has all its samples on some remaining worker.
+  bool covered() const { return plan_.covered(); }
+  std::vector<int> uncovered_shards() const { return plan_.uncovered_shards(); }
+
+  /// Local steps taken (the step of the next batch's random stream).
+  std::uint64_t steps() const { return averager_.steps(); }
+  /// Averaging rounds so far and the bytes they moved (the communicators' counts).
+  std::uint64_t rounds() const { return averager_.rounds(); }
+  comm_stats traffic() const { return averager_.traffic(); }
+  /// ||x_m - mean||^2 before the last average (measure_disagreement).
+  double last_disagreement() const { return averager_.last_disagreement(); }
+
+  sgd<T>& optimizer() { return optimizer_; }
+  const sgd<T>& optimizer() const { return optimizer_; }
+  periodic_average<T>& averager() { return averager_; }
+  const periodic_average<T>& averager() const { return averager_; }
+
+ private:
+  ri_sgd_options options_;
+  shard_plan plan_;
+  int worker_;
+  shard_sampler sampler_;
+  sgd<T> optimizer_;
+  periodic_average<T> averager_;
+  std::vector<std::size_t> batch_;
+  std::size_t size_ = 0;  // the parameters' size, fixed by the first step
+  std::uint64_t batch_step_ = static_cast<std::uint64_t>(-1);  // the step batch_ was drawn for
+};
+
+/// The options of local SGD: ri_sgd_options' defaults with redundancy 0.
+inline ri_sgd_options local_sgd_options() {
+  ri_sgd_options options;
+  options.redundancy = 0.0;
+  return options;
+}
+
+/// Local SGD with periodic averaging: RI-SGD with mu = 0 (every worker holds
+/// only its own shard). options.redundancy must be 0.
+template <class T = float>
+ri_sgd<T> local_sgd(std::size_t samples, int workers, int worker,
+                    ri_sgd_options options = local_sgd_options()) {
+  require(options.redundancy == 0.0, "gcomp::local_sgd",
+          "redundancy must be 0 for local SGD (use ri_sgd for mu > 0), got ", options.redundancy);
+  return ri_sgd<T>(samples, workers, worker, options);
+}
+
+}  // namespace gcomp
