@@ -142,6 +142,7 @@ TEST_CASE("every compressor keeps the wire and aggregation contract") {
   check_contract("terngrad", [] { return gcomp::terngrad<float>(gcomp::terngrad_options{.bucket = 100}); },
                  true);
   check_contract("natural", [] { return gcomp::natural<float>{}; }, true);
+  check_contract("grid_round", [] { return gcomp::grid_round<float>({.spacing = 0.05, .bits = 16}); }, true);
   check_contract("sign", [] { return gcomp::sign<float>{}; }, true);
   check_contract("sign per layer", [&] { return gcomp::sign<float>(lay); }, true);
   check_contract("onebit per layer", [&] { return gcomp::onebit<float>(lay); }, true);
