@@ -36,13 +36,28 @@ inline shard make_shard(int rank, const std::vector<float>& truth) {
   return s;
 }
 
-// Mean logistic loss over rows [first, first + count) and its gradient
-// (weights first, then the bias).
-inline float loss_and_gradient(const shard& s, std::size_t first, std::size_t count,
-                        const std::vector<float>& params, std::vector<float>& grad) {
-  std::fill(grad.begin(), grad.end(), 0.0f);
+// Every worker's slice, concatenated in rank order: worker m's rows are
+// [m * samples_per_worker, (m + 1) * samples_per_worker). For methods that
+// give workers each other's data (RI-SGD).
+inline shard make_all(const std::vector<float>& truth) {
+  shard all;
+  for (int m = 0; m < workers; ++m) {
+    const shard s = make_shard(m, truth);
+    all.x.insert(all.x.end(), s.x.begin(), s.x.end());
+    all.y.insert(all.y.end(), s.y.begin(), s.y.end());
+  }
+  return all;
+}
+
+// Mean logistic loss over the given rows and its gradient (weights first,
+// then the bias); `row(k)` is the index of the k-th of `count` rows.
+template <class Row>
+float loss_and_gradient_of(const shard& s, std::size_t count, Row row, const float* params,
+                           float* grad) {
+  std::fill(grad, grad + features + 1, 0.0f);
   float loss = 0;
-  for (std::size_t i = first; i < first + count; ++i) {
+  for (std::size_t k = 0; k < count; ++k) {
+    const std::size_t i = row(k);
     float logit = params[features];
     for (std::size_t j = 0; j < features; ++j) logit += s.x[i * features + j] * params[j];
     const float p = 1 / (1 + std::exp(-logit));
@@ -50,8 +65,15 @@ inline float loss_and_gradient(const shard& s, std::size_t first, std::size_t co
     for (std::size_t j = 0; j < features; ++j) grad[j] += (p - s.y[i]) * s.x[i * features + j];
     grad[features] += p - s.y[i];
   }
-  for (float& g : grad) g /= float(count);
+  for (std::size_t j = 0; j <= features; ++j) grad[j] /= float(count);
   return loss / float(count);
+}
+
+// Rows [first, first + count).
+inline float loss_and_gradient(const shard& s, std::size_t first, std::size_t count,
+                               const std::vector<float>& params, std::vector<float>& grad) {
+  return loss_and_gradient_of(
+      s, count, [first](std::size_t k) { return first + k; }, params.data(), grad.data());
 }
 
 }  // namespace example
