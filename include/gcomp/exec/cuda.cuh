@@ -14,6 +14,7 @@
 
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/policy.hpp"
 #include "gcomp/exec/thrust.hpp"
 
@@ -39,6 +40,43 @@ inline void* cuda_workspace_allocate(std::size_t bytes, std::string_view where) 
 // kernel; its error at exit (runtime already torn down) is ignored.
 inline void cuda_workspace_free(void* block) noexcept { cudaFree(block); }
 
+// policy_buffer's memory under cuda_par (see memory_kind in exec/buffer.hpp).
+//
+// cudaMalloc/cudaFree rather than cudaMallocAsync/cudaFreeAsync on the
+// policy's stream: a buffer is allocated once (a part's first step) and lives
+// as long as the part, so stream-ordered allocation would save nothing per
+// step, while it would tie the buffer to a stream the user may destroy
+// first (cudaFreeAsync on a dead stream is undefined) and to devices with
+// memory pools. cudaFree waits for the device, so no kernel on any stream
+// still uses a freed block; copies wait for the device before and after for
+// the same reason (cudaMemcpy alone does not order after non-blocking streams).
+inline void* cuda_buffer_allocate(std::size_t bytes, std::string_view where) {
+  void* block = nullptr;
+  const cudaError_t status = cudaMalloc(&block, bytes);
+  if (status != cudaSuccess) cuda_check(status, where, concat("cudaMalloc of ", bytes, " bytes"));
+  return block;
+}
+inline void cuda_buffer_free(void* block) noexcept { cudaFree(block); }
+
+inline void cuda_buffer_memcpy(void* dst, const void* src, std::size_t bytes, cudaMemcpyKind kind,
+                               std::string_view where, std::string_view what) {
+  cuda_check(cudaDeviceSynchronize(), where, concat("cudaDeviceSynchronize before cudaMemcpy ", what));
+  cuda_check(cudaMemcpy(dst, src, bytes, kind), where, concat("cudaMemcpy ", what, " of ", bytes, " bytes"));
+  // From pageable host memory cudaMemcpy may return before the device holds
+  // the bytes; waiting makes them visible to kernels on every stream.
+  cuda_check(cudaDeviceSynchronize(), where, concat("cudaDeviceSynchronize after cudaMemcpy ", what));
+}
+inline void cuda_buffer_copy(void* dst, const void* src, std::size_t bytes, std::string_view where) {
+  cuda_buffer_memcpy(dst, src, bytes, cudaMemcpyDeviceToDevice, where, "device to device");
+}
+inline void cuda_buffer_to_host(void* dst, const void* src, std::size_t bytes, std::string_view where) {
+  cuda_buffer_memcpy(dst, src, bytes, cudaMemcpyDeviceToHost, where, "device to host");
+}
+inline void cuda_buffer_from_host(void* dst, const void* src, std::size_t bytes,
+                                  std::string_view where) {
+  cuda_buffer_memcpy(dst, src, bytes, cudaMemcpyHostToDevice, where, "host to device");
+}
+
 }  // namespace detail
 
 /// Runs kernels on `stream` (0: the legacy default stream) through Thrust's
@@ -49,7 +87,8 @@ inline void cuda_workspace_free(void* block) noexcept { cudaFree(block); }
 /// memory (reduce_per_layer's out excepted: it is host memory). Copies share
 /// one workspace of device memory (see detail::thrust_workspace), so after the
 /// first calls of a given size no primitive allocates. CUDA errors are thrown
-/// as gcomp::error with cudaGetErrorString's text.
+/// as gcomp::error with cudaGetErrorString's text. State that parts keep
+/// across steps lives in policy_buffers of cuda_device_memory_kind (below).
 struct cuda_par {
   cudaStream_t stream = 0;
   std::shared_ptr<detail::thrust_workspace> workspace = std::make_shared<detail::thrust_workspace>(
@@ -61,6 +100,16 @@ struct policy_traits<cuda_par> {
   static constexpr bool is_policy = true;
   static constexpr bool host_memory = false;
 };
+
+/// cuda_par's memory for policy_buffer: CUDA device memory of the device
+/// current at allocation (cudaMalloc; see detail::cuda_buffer_allocate).
+inline constexpr memory_kind cuda_device_memory_kind{
+    "CUDA device memory",          false,
+    &detail::cuda_buffer_allocate, &detail::cuda_buffer_free,
+    &detail::cuda_buffer_copy,     &detail::cuda_buffer_to_host,
+    &detail::cuda_buffer_from_host};
+
+inline const memory_kind& memory_kind_of(const cuda_par&) { return cuda_device_memory_kind; }
 
 namespace detail {
 

@@ -33,6 +33,7 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/detail/reduce_order.hpp"
 #include "gcomp/exec/policy.hpp"
 
@@ -443,7 +444,53 @@ struct thrust_device_backend {
   }
 };
 
+// policy_buffer's memory under thrust_device: the device system's allocator,
+// as for the workspace, with Thrust's copies; errors become gcomp::error.
+template <class Body>
+void thrust_buffer_guarded(std::string_view where, Body&& body) {
+  try {
+    std::forward<Body>(body)();
+  } catch (const thrust::system_error& e) {
+    thrust_device_backend::fail(where, e);
+  }
+}
+inline void* thrust_buffer_allocate(std::size_t bytes, std::string_view where) {
+  try {
+    return thrust_device_allocate(bytes, where);
+  } catch (const std::bad_alloc& e) {
+    fail(where, "thrust::device_malloc of ", bytes, " bytes failed: ", e.what());
+  } catch (const thrust::system_error& e) {
+    fail(where, "thrust::device_malloc of ", bytes, " bytes failed: ", e.what());
+  }
+}
+inline void thrust_buffer_copy(void* dst, const void* src, std::size_t bytes, std::string_view where) {
+  thrust_buffer_guarded(where, [&] {
+    const auto from = thrust::device_pointer_cast(static_cast<const std::byte*>(src));
+    thrust::copy(thrust::device, from, from + bytes,
+                 thrust::device_pointer_cast(static_cast<std::byte*>(dst)));
+  });
+}
+inline void thrust_buffer_to_host(void* dst, const void* src, std::size_t bytes,
+                                  std::string_view where) {
+  thrust_buffer_guarded(where, [&] { thrust_device_backend::to_host(where, dst, src, bytes); });
+}
+inline void thrust_buffer_from_host(void* dst, const void* src, std::size_t bytes,
+                                    std::string_view where) {
+  thrust_buffer_guarded(where, [&] { thrust_device_backend::to_device(where, dst, src, bytes); });
+}
+
 }  // namespace detail
+
+/// thrust_device's memory for policy_buffer: the device system's (host memory
+/// under OpenMP/C++, GPU memory under CUDA).
+inline constexpr memory_kind thrust_device_memory_kind{
+    policy_traits<thrust_device>::host_memory ? "Thrust device-system memory (host)"
+                                              : "Thrust device-system memory (CUDA)",
+    policy_traits<thrust_device>::host_memory, &detail::thrust_buffer_allocate,
+    &detail::thrust_device_free,               &detail::thrust_buffer_copy,
+    &detail::thrust_buffer_to_host,            &detail::thrust_buffer_from_host};
+
+inline const memory_kind& memory_kind_of(const thrust_device&) { return thrust_device_memory_kind; }
 
 /// Calls f(i) for every i in [0, n) on the device system. Calls for different
 /// i run concurrently; f must be callable there (under nvcc: [=] GCOMP_HD (std::size_t i)).

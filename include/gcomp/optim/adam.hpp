@@ -12,6 +12,7 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -50,6 +51,10 @@ namespace detail {
 /// so a layer the mask switches off keeps x, m, v and its bias correction as
 /// they were (JointSpar relies on this); lr is schedule(t) with t the
 /// optimizer's completed step() calls.
+/// The moments live in policy_buffers allocated at the first step in the
+/// memory of its policy (device memory under cuda_par); later steps must use
+/// a policy that memory serves (reset() to change). The per-layer step counts
+/// feed the host's bias corrections and stay in host memory.
 template <class T, class Options, bool decoupled>
 class adam_base {
  public:
@@ -104,11 +109,12 @@ class adam_base {
       check_same_size(where, "layout layers", layers,
                       "the layers the moments were built for (call reset() first)",
                       layer_steps_.size());
+      exp_avg_.check_serves(policy, where, "the moments");
     }
     if (layer_steps_.empty()) {  // first step: the state is allocated here, once
-      exp_avg_.assign(params.size(), T(0));
-      exp_avg_sq_.assign(params.size(), T(0));
-      if (options_.amsgrad) max_exp_avg_sq_.assign(params.size(), T(0));
+      exp_avg_.assign(policy, params.size(), T(0), where);
+      exp_avg_sq_.assign(policy, params.size(), T(0), where);
+      if (options_.amsgrad) max_exp_avg_sq_.assign(policy, params.size(), T(0), where);
       layer_steps_.assign(layers, 0);
     }
 
@@ -153,10 +159,12 @@ class adam_base {
     ++steps_;
   }
 
-  /// m, v and (amsgrad) max v: empty until the first step.
-  std::span<const T> exp_avg() const { return exp_avg_; }
-  std::span<const T> exp_avg_sq() const { return exp_avg_sq_; }
-  std::span<const T> max_exp_avg_sq() const { return max_exp_avg_sq_; }
+  /// m, v and (amsgrad) max v: empty until the first step. They are in the
+  /// memory of the first step's policy: device memory under cuda_par (read
+  /// them with gcomp::copy_to_host).
+  std::span<const T> exp_avg() const { return exp_avg_.span(); }
+  std::span<const T> exp_avg_sq() const { return exp_avg_sq_.span(); }
+  std::span<const T> max_exp_avg_sq() const { return max_exp_avg_sq_.span(); }
 
  private:
   static constexpr std::string_view name() { return decoupled ? "gcomp::adamw" : "gcomp::adam"; }
@@ -164,9 +172,9 @@ class adam_base {
   Options options_;
   lr_schedule schedule_ = lr_schedule::constant(0.0);
   std::uint64_t steps_ = 0;
-  std::vector<T> exp_avg_;
-  std::vector<T> exp_avg_sq_;
-  std::vector<T> max_exp_avg_sq_;
+  policy_buffer<T> exp_avg_;
+  policy_buffer<T> exp_avg_sq_;
+  policy_buffer<T> max_exp_avg_sq_;
   std::vector<std::uint64_t> layer_steps_;
 };
 

@@ -16,6 +16,8 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -64,6 +66,10 @@ struct lamb_direction {
 /// (u computed, not stored), then a fused pass that recomputes u and writes
 /// m, v, x; no temporaries. Masked-off layers keep x, m, v and t_d untouched.
 /// lr is schedule(t), t = completed step() calls.
+/// m and v live in policy_buffers allocated at the first step in the memory
+/// of its policy (device memory under cuda_par); later steps must use a
+/// policy that memory serves (reset() to change). The per-layer step counts
+/// and ratios are host values.
 template <class T = float>
 class lamb {
  public:
@@ -122,10 +128,11 @@ class lamb {
       check_same_size(where, "layout layers", layers,
                       "the layers the moments were built for (call reset() first)",
                       layer_steps_.size());
+      exp_avg_.check_serves(policy, where, "the moments");
     }
     if (layer_steps_.empty()) {  // first step: the state is allocated here, once
-      exp_avg_.assign(params.size(), T(0));
-      exp_avg_sq_.assign(params.size(), T(0));
+      exp_avg_.assign(policy, params.size(), T(0), where);
+      exp_avg_sq_.assign(policy, params.size(), T(0), where);
       layer_steps_.assign(layers, 0);
       ratios_.assign(layers, 1.0);
     }
@@ -160,7 +167,7 @@ class lamb {
           return sums{xi * xi, ui * ui};
         });
         const double x_norm = std::sqrt(static_cast<double>(s.x));
-        const double u_norm = std::sqrt(static_cast<double>(s.u));
+        const double u_norm = std::sqrt(static_cast<double>(s.y));
         const double phi = std::min(std::max(x_norm, options_.min_trust), options_.max_trust);
         if (x_norm > 0.0 && u_norm > 0.0) ratio = phi / u_norm;
       }
@@ -177,29 +184,24 @@ class lamb {
     ++steps_;
   }
 
-  std::span<const T> exp_avg() const { return exp_avg_; }
-  std::span<const T> exp_avg_sq() const { return exp_avg_sq_; }
+  /// m and v: empty until the first step, then in the memory of its policy
+  /// (device memory under cuda_par: read them with gcomp::copy_to_host).
+  std::span<const T> exp_avg() const { return exp_avg_.span(); }
+  std::span<const T> exp_avg_sq() const { return exp_avg_sq_.span(); }
   /// phi(||x_d||) / ||u_d|| of each layer's last active step (1 before it or when excluded).
   std::span<const double> trust_ratios() const { return ratios_; }
 
  private:
-  // Sums of squares of x and u over a layer, reduced together in one pass.
-  // Accumulated in double for float data: as exact as the layer allows, and
-  // the four independent double lanes per pair reduce faster than the two float ones.
-  using acc = std::conditional_t<(sizeof(T) < sizeof(double)), double, T>;
-  struct sums {
-    acc x = acc(0);
-    acc u = acc(0);
-  };
-  struct add_sums {
-    GCOMP_HD sums operator()(sums a, sums b) const { return sums{a.x + b.x, a.u + b.u}; }
-  };
+  // Sums of squares of x (.x) and u (.y) over a layer, reduced together in one pass.
+  using sums = detail::sums_of_squares<T>;
+  using add_sums = detail::add_sums_of_squares<T>;
+  using acc = typename sums::acc;
 
   lamb_options options_;
   lr_schedule schedule_ = lr_schedule::constant(0.0);
   std::uint64_t steps_ = 0;
-  std::vector<T> exp_avg_;
-  std::vector<T> exp_avg_sq_;
+  policy_buffer<T> exp_avg_;
+  policy_buffer<T> exp_avg_sq_;
   std::vector<std::uint64_t> layer_steps_;
   std::vector<double> ratios_;
 };

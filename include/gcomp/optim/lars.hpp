@@ -14,6 +14,8 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -42,6 +44,11 @@ struct lars_options {
 /// Layers switched off by the mask keep x and v untouched and are not read.
 /// v starts at 0. The rate of step t (completed step() calls) is schedule(t);
 /// options.lr is the constant schedule used until set_schedule.
+/// v lives in a policy_buffer allocated at the first step in the memory of
+/// its policy (device memory under cuda_par); later steps must use a policy
+/// that memory serves (reset() to change). The per-layer norms and ratios are
+/// host values (reduce_per_layer returns host memory under every policy, and
+/// the host loop turns them into each layer's scale).
 template <class T = float>
 class lars {
  public:
@@ -91,10 +98,11 @@ class lars {
                       "the state built at the first step (call reset() first)", state_size_);
       check_same_size(where, "layout layers", layers,
                       "the layers the state was built for (call reset() first)", ratios_.size());
+      momentum_.check_serves(policy, where, "the momentum buffer");
     }
     const bool use_momentum = options_.momentum != 0.0;
     if (ratios_.empty()) {  // first step: every buffer is allocated here, once
-      if (use_momentum) momentum_.assign(params.size(), T(0));
+      if (use_momentum) momentum_.assign(policy, params.size(), T(0), where);
       norms_.assign(layers, sums{});
       ratios_.assign(layers, 1.0);
       state_size_ = params.size();
@@ -127,7 +135,7 @@ class lars {
       const bool excluded = options_.exclude && options_.exclude(lay[d]);
       const double beta = excluded ? 0.0 : options_.weight_decay;
       const double x_norm = std::sqrt(static_cast<double>(norms_[d].x));
-      const double g_norm = std::sqrt(static_cast<double>(norms_[d].g));
+      const double g_norm = std::sqrt(static_cast<double>(norms_[d].y));
       const double ratio = excluded || x_norm == 0.0 || g_norm == 0.0
                                ? 1.0
                                : options_.trust_coefficient * x_norm / (g_norm + beta * x_norm);
@@ -152,29 +160,23 @@ class lars {
     ++steps_;
   }
 
-  /// v (empty until the first step, and always with momentum == 0).
-  std::span<const T> momentum_buffer() const { return momentum_; }
+  /// v (empty until the first step, and always with momentum == 0), in the
+  /// memory of the first step's policy: device memory under cuda_par.
+  std::span<const T> momentum_buffer() const { return momentum_.span(); }
   /// lambda_d of each layer's last active step (1 before it; empty before the first step).
   std::span<const double> trust_ratios() const { return ratios_; }
 
  private:
-  // Sums of squares of x and g over a layer, reduced together so each layer is read once.
-  // Accumulated in double for float data: as exact as the layer allows, and
-  // the four independent double lanes per pair reduce faster than the two float ones.
-  using acc = std::conditional_t<(sizeof(T) < sizeof(double)), double, T>;
-  struct sums {
-    acc x = acc(0);
-    acc g = acc(0);
-  };
-  struct add_sums {
-    GCOMP_HD sums operator()(sums a, sums b) const { return sums{a.x + b.x, a.g + b.g}; }
-  };
+  // Sums of squares of x (.x) and g (.y) over a layer.
+  using sums = detail::sums_of_squares<T>;
+  using add_sums = detail::add_sums_of_squares<T>;
+  using acc = typename sums::acc;
 
   lars_options options_;
   lr_schedule schedule_ = lr_schedule::constant(0.0);
   std::uint64_t steps_ = 0;
   std::size_t state_size_ = 0;
-  std::vector<T> momentum_;
+  policy_buffer<T> momentum_;
   std::vector<sums> norms_;
   std::vector<double> ratios_;
 };

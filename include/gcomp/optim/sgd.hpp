@@ -11,6 +11,7 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -32,6 +33,12 @@ struct sgd_options {
 /// a layer's "first step" is its first active one. The learning rate of step
 /// t (t = completed step() calls, masked or not) is schedule(t); options.lr
 /// is the constant schedule used until set_schedule.
+///
+/// The momentum lives in a policy_buffer allocated at the first step with
+/// momentum, in the memory of that step's policy (device memory under
+/// cuda_par); later steps must use a policy that memory serves (reset() to
+/// change). The per-layer "started" flags are read by the host loop and stay
+/// in host memory.
 template <class T = float>
 class sgd {
  public:
@@ -85,9 +92,10 @@ class sgd {
       check_same_size(where, "layout layers", lay.num_layers(),
                       "the layers the momentum was built for (call reset() first)",
                       started_.size());
+      momentum_.check_serves(policy, where, "the momentum buffer");
     }
     if (use_momentum && momentum_.empty()) {
-      momentum_.assign(params.size(), T(0));
+      momentum_.assign(policy, params.size(), T(0), where);
       started_.assign(lay.num_layers(), 0);
     }
     const T lr = static_cast<T>(schedule_(steps_));
@@ -118,8 +126,10 @@ class sgd {
     ++steps_;
   }
 
-  /// The momentum buffer (empty until the first step with momentum).
-  std::span<const T> momentum_buffer() const { return momentum_; }
+  /// The momentum buffer (empty until the first step with momentum), in the
+  /// memory of the policy of that step: device memory under cuda_par (read it
+  /// with gcomp::copy_to_host).
+  std::span<const T> momentum_buffer() const { return momentum_.span(); }
 
  private:
   static double checked_lr(double lr) {
@@ -130,7 +140,7 @@ class sgd {
   sgd_options options_;
   lr_schedule schedule_;
   std::uint64_t steps_ = 0;
-  std::vector<T> momentum_;
+  policy_buffer<T> momentum_;
   std::vector<std::uint8_t> started_;  // per layer: has it taken a step yet
 };
 
