@@ -5,6 +5,7 @@
 #include <gcomp/compress/topk.hpp>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -18,15 +19,18 @@ namespace {
 namespace radix = gcomp::detail::radix;
 
 struct emulation_options {
-  std::size_t tile = 4096;          // elements per block of the collection passes
-  std::size_t candidate_cap = 0;    // room of the level-1 candidate list (0: n / 16 + 1024)
+  std::size_t tile_words = 4096;    // bitmap words per block of the collection passes (256 x 16)
+  std::size_t candidate_cap = 0;    // room of the candidate list (0: radix::candidate_room(n))
   unsigned choose_threads = 256;    // threads that split the bins when choosing a digit
+  std::uint32_t list_order_seed = 1;  // the list's order (warp atomics: any order) is a shuffle
 };
 
 struct emulation_result {
-  std::vector<std::uint32_t> indices;  // the selection, in slot order
+  std::vector<std::uint32_t> indices;  // the selection, in slot order (empty on a non-finite input)
   std::size_t first_bad = std::numeric_limits<std::size_t>::max();
-  bool used_list = false;  // whether the levels after 1 ran on the candidate list
+  bool used_list = false;       // whether level 2+ and the marking ran on the candidate list
+  std::size_t candidates = 0;   // the candidates the level-0 histogram announced
+  std::size_t full_reads = 0;   // passes that read all of g (the bitmaps and the list are extra)
   std::uint64_t threshold = 0;
   std::size_t ties = 0;
 };
@@ -58,48 +62,101 @@ void split_choose(const std::vector<Count>& hist, unsigned bins, unsigned thread
   REQUIRE(found == 1);  // exactly one thread owns the rank
 }
 
-// Every pass of the GPU select, in order, with the same functions.
+// Every pass of the GPU select, in order, with the same functions:
+//   level 0 (full read): histogram of digit 0, first non-finite index; the
+//     choice also gives the candidates = keys above the chosen bin + the bin,
+//     and the list is used iff they fit the room;
+//   level 1 (full read): histogram of digit 1 in the bin and, on the list
+//     path, every key whose digit 0 is the chosen one or above appended
+//     (index, value) in an arbitrary order;
+//   level 2+: the list's values, or all of g on the fallback;
+//   mark: keys > T and == T set bits in two bitmaps (from the list, or from
+//     all of g on the fallback); nothing when the input was not finite;
+//   collection: per-tile popcounts of the bitmaps, an exclusive scan, then
+//     each tile walks its set bits in index order, places them with
+//     emit_flagged, and clears its words (the bitmaps stay zero between calls).
 template <class T>
 emulation_result emulate(std::span<const T> g, std::size_t k, emulation_options opt = {}) {
   using traits = radix::key_traits<T>;
   using key_type = typename traits::key_type;
   constexpr unsigned kb = traits::key_bits;
   const std::size_t n = g.size();
-  const std::size_t cap = opt.candidate_cap != 0 ? opt.candidate_cap : n / 16 + 1024;
+  const std::size_t cap = opt.candidate_cap != 0 ? opt.candidate_cap : radix::candidate_room(n);
   emulation_result out;
   key_type prefix = 0;
   std::size_t rank = k;
-  std::vector<std::uint32_t> candidates;
+  unsigned d0 = 0;
+  std::vector<std::uint32_t> list_index;
+  std::vector<T> list_value;
   std::vector<std::uint32_t> hist(radix::max_bins);
   for (unsigned level = 0; level < radix::levels(kb); ++level) {
     std::fill(hist.begin(), hist.end(), 0u);
-    const bool list = level >= 2 && candidates.size() <= cap;
-    out.used_list = out.used_list || list;
-    const std::size_t m = list ? candidates.size() : n;
+    const bool list = level >= 2 && out.used_list;
+    const bool collect = level == 1 && out.used_list;
+    out.full_reads += list ? 0 : 1;
+    const std::size_t m = list ? list_value.size() : n;
     for (std::size_t j = 0; j < m; ++j) {
-      const std::size_t i = list ? candidates[j] : j;
-      const key_type key = traits::key(g[i]);
-      if (level == 0 && !traits::finite_key(key)) out.first_bad = std::min(out.first_bad, i);
+      const T value = list ? list_value[j] : g[j];
+      const key_type key = traits::key(value);
+      if (level == 0 && !traits::finite_key(key)) out.first_bad = std::min(out.first_bad, j);
+      if (collect && radix::at_or_above_digit0(key, kb, d0)) {
+        REQUIRE(list_index.size() < cap);  // announced to fit: the append never overflows
+        list_index.push_back(static_cast<std::uint32_t>(j));
+        list_value.push_back(value);
+      }
       if (!radix::in_range(key, kb, level, prefix)) continue;
       ++hist[radix::digit(key, kb, level)];
-      if (level == 1) candidates.push_back(static_cast<std::uint32_t>(i));
     }
+    if (collect) {
+      REQUIRE(list_index.size() == out.candidates);
+      // Atomic appends land in any order: permute the list (same permutation for both arrays).
+      std::vector<std::size_t> perm(list_index.size());
+      std::iota(perm.begin(), perm.end(), std::size_t{0});
+      std::shuffle(perm.begin(), perm.end(), std::mt19937(opt.list_order_seed));
+      std::vector<std::uint32_t> idx(perm.size());
+      std::vector<T> val(perm.size());
+      for (std::size_t j = 0; j < perm.size(); ++j) {
+        idx[j] = list_index[perm[j]];
+        val[j] = list_value[perm[j]];
+      }
+      list_index.swap(idx);
+      list_value.swap(val);
+    }
+    const std::size_t rank_before = rank;
     unsigned d = 0;
     split_choose(hist, 1u << radix::width(kb, level), opt.choose_threads, rank, d);
+    if (level == 0) {
+      d0 = d;
+      out.candidates = rank_before - rank + hist[d];  // keys above the bin + the bin
+      out.used_list = out.candidates <= cap;
+    }
     prefix = radix::extend(prefix, kb, level, d);
   }
   out.threshold = prefix;
   out.ties = rank;
-  // Collection: tile counts, an exclusive scan of the packed counts, then
-  // each tile places its elements from its offsets in index order.
-  const std::size_t tiles = (n + opt.tile - 1) / opt.tile;
+  if (out.first_bad != std::numeric_limits<std::size_t>::max()) return out;  // nothing marked or written
+  // Mark: the list (any order: atomicOr) or all of g (a warp ballot per word).
+  const std::size_t words = (n + 31) / 32;
+  std::vector<std::uint32_t> above_bits(words, 0), equal_bits(words, 0);
+  auto mark = [&](std::size_t i, key_type key) {
+    if (key > prefix) above_bits[i / 32] |= 1u << (i % 32);
+    else if (key == prefix) equal_bits[i / 32] |= 1u << (i % 32);
+  };
+  if (out.used_list) {
+    for (std::size_t j = 0; j < list_index.size(); ++j) mark(list_index[j], traits::key(list_value[j]));
+  } else {
+    ++out.full_reads;
+    for (std::size_t i = 0; i < n; ++i) mark(i, traits::key(g[i]));
+  }
+  // Collection over the bitmaps: tile counts, an exclusive scan of the packed
+  // counts, then each tile places its set bits from its offsets in index order.
+  const std::size_t tiles = (words + opt.tile_words - 1) / opt.tile_words;
   std::vector<std::uint64_t> packed(tiles, 0);
   for (std::size_t t = 0; t < tiles; ++t) {
     std::uint32_t above = 0, equal = 0;
-    for (std::size_t i = t * opt.tile; i < std::min(n, (t + 1) * opt.tile); ++i) {
-      const key_type key = traits::key(g[i]);
-      above += key > prefix ? 1 : 0;
-      equal += key == prefix ? 1 : 0;
+    for (std::size_t w = t * opt.tile_words; w < std::min(words, (t + 1) * opt.tile_words); ++w) {
+      above += static_cast<std::uint32_t>(std::popcount(above_bits[w]));
+      equal += static_cast<std::uint32_t>(std::popcount(equal_bits[w]));
     }
     packed[t] = radix::pack_counts(above, equal);
   }
@@ -109,17 +166,23 @@ emulation_result emulate(std::span<const T> g, std::size_t k, emulation_options 
   std::size_t written = 0;
   for (std::size_t t = 0; t < tiles; ++t) {
     std::size_t above = radix::packed_above(packed[t]), equal = radix::packed_equal(packed[t]);
-    for (std::size_t i = t * opt.tile; i < std::min(n, (t + 1) * opt.tile); ++i) {
-      const key_type key = traits::key(g[i]);
-      std::size_t slot = 0;
-      if (radix::emit_slot<key_type, std::size_t>(key, prefix, rank, above, equal, slot)) {
-        REQUIRE(slot < k);
-        REQUIRE(out.indices[slot] == none);  // no slot written twice
-        out.indices[slot] = static_cast<std::uint32_t>(i);
-        ++written;
+    for (std::size_t w = t * opt.tile_words; w < std::min(words, (t + 1) * opt.tile_words); ++w) {
+      for (std::uint32_t bits = above_bits[w] | equal_bits[w]; bits != 0; bits &= bits - 1) {
+        const unsigned b = static_cast<unsigned>(std::countr_zero(bits));
+        const std::size_t i = w * 32 + b;
+        REQUIRE(i < n);
+        const bool up = (above_bits[w] >> b) & 1u;
+        std::size_t slot = 0;
+        if (radix::emit_flagged<std::size_t>(up, rank, above, equal, slot)) {
+          REQUIRE(slot < k);
+          REQUIRE(out.indices[slot] == none);  // no slot written twice
+          out.indices[slot] = static_cast<std::uint32_t>(i);
+          ++written;
+        }
+        above += up ? 1 : 0;
+        equal += up ? 0 : 1;
       }
-      above += key > prefix ? 1 : 0;
-      equal += key == prefix ? 1 : 0;
+      above_bits[w] = equal_bits[w] = 0;  // the write pass leaves the bitmaps zero
     }
   }
   CHECK(written == k);
@@ -308,8 +371,9 @@ TEST_CASE("small candidate lists fall back to full passes with the same answer")
   CHECK(a.indices == b.indices);
   // Odd tile sizes and thread splits change nothing either.
   emulation_options odd;
-  odd.tile = 77;
+  odd.tile_words = 3;
   odd.choose_threads = 7;
+  odd.list_order_seed = 12345;
   CHECK(emulate(std::span<const float>(g), 100, odd).indices == b.indices);
   check_select(g, 100, odd);
 }
@@ -329,4 +393,77 @@ TEST_CASE("the first non-finite index is found at level 0") {
   g[1234] = -std::numeric_limits<float>::quiet_NaN();
   g[2000] = -std::numeric_limits<float>::infinity();
   CHECK(emulate(std::span<const float>(g), 10).first_bad == 1234);
+}
+
+TEST_CASE("Gaussian gradients take the candidate path: two full reads") {
+  const std::size_t n = std::size_t{1} << 20, k = n / 1000;
+  const std::vector<float> g = normal(n, 2024);
+  const emulation_result r = emulate(std::span<const float>(g), k);
+  CHECK(r.used_list);
+  CHECK(r.full_reads == 2);  // levels 0 and 1; level 2, marking and collection use the list and bitmaps
+  CAPTURE(r.candidates);
+  CHECK(r.candidates >= k);
+  CHECK(r.candidates <= 3 * k);  // bins above + the threshold's bin stay near k on a bell curve
+  check_select(g, k);
+  // Other common k stay on the list too.
+  for (std::size_t kk : {std::size_t{1}, n / 100, n / 20}) {
+    CAPTURE(kk);
+    const emulation_result rk = emulate(std::span<const float>(g), kk);
+    CHECK(rk.used_list);
+    CHECK(rk.full_reads == 2);
+    check_select(g, kk);
+  }
+  // Another order of the list's appends changes nothing.
+  emulation_options other;
+  other.list_order_seed = 99;
+  CHECK(emulate(std::span<const float>(g), k, other).indices == r.indices);
+}
+
+TEST_CASE("heavy ties at the threshold overflow the list: the fallback reads g four times") {
+  const std::size_t n = std::size_t{1} << 20, k = n / 1000;
+  std::vector<float> g = normal(n, 31);
+  // 30% of the entries tie at magnitude 4 (both signs): the threshold's bin
+  // holds far more than n/8 keys, and ties must go to the lowest indices.
+  std::mt19937 rng(32);
+  for (std::size_t i = 0; i < n; ++i)
+    if (rng() % 10 < 3) g[i] = (rng() & 1) ? 4.0f : -4.0f;
+  const emulation_result r = emulate(std::span<const float>(g), k);
+  CHECK_FALSE(r.used_list);
+  CHECK(r.candidates > radix::candidate_room(n));
+  CHECK(r.full_reads == 4);  // levels 0, 1, 2 and the marking
+  CHECK(r.ties < k);         // some keys above 4 and the rest from the ties
+  check_select(g, k);
+  // Double keys: six levels, seven full reads on the fallback.
+  std::vector<double> gd(g.begin(), g.end());
+  const emulation_result rd = emulate(std::span<const double>(gd), k);
+  CHECK_FALSE(rd.used_list);
+  CHECK(rd.full_reads == 7);
+  check_select(gd, k);
+}
+
+TEST_CASE("the candidate room is an exact bound: room fits, room + 1 falls back") {
+  const std::size_t n = 100000, k = 10, room = radix::candidate_room(n);
+  CHECK(room == n / 8 + 1024);
+  for (std::size_t m : {room - 1, room, room + 1}) {
+    CAPTURE(m);
+    std::vector<float> g(n, 0.001f);
+    for (std::size_t j = 0; j < m; ++j) g[j * 7] = (j % 2) ? 1.0f : -1.0f;  // m ties in one bin
+    const emulation_result r = emulate(std::span<const float>(g), k);
+    CHECK(r.candidates == m);
+    CHECK(r.used_list == (m <= room));
+    CHECK(r.full_reads == (m <= room ? 2u : 4u));
+    check_select(g, k);
+  }
+  CHECK(radix::candidate_room(100) == 100);  // small gradients: the whole gradient fits
+}
+
+TEST_CASE("double keys use the list too: two full reads for six levels") {
+  std::mt19937_64 rng(13);
+  std::normal_distribution<double> dist(0.0, 1.0);
+  std::vector<double> g(200000);
+  for (double& x : g) x = dist(rng);
+  const emulation_result r = emulate(std::span<const double>(g), 200);
+  CHECK(r.used_list);
+  CHECK(r.full_reads == 2);
+  check_select(g, 200);
 }

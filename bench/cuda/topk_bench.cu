@@ -89,6 +89,9 @@ void topk_vs_read_pass(benchmark::State& state) {
   }
   std::nth_element(ratios.begin(), ratios.begin() + ratios.size() / 2, ratios.end());
   state.counters["x_read_pass"] = ratios[ratios.size() / 2];
+  // 1: the candidate-list path (2 full reads) ran; 0: the fallback (4).
+  state.counters["list_path"] = ws.last_used_list() ? 1.0 : 0.0;
+  state.counters["candidates"] = static_cast<double>(ws.last_candidates());
   state.counters["read_pass_ms"] = read_ms_total / double(state.iterations());
   state.counters["topk_ms"] = topk_ms_total / double(state.iterations());
   cudaDeviceProp prop{};

@@ -75,8 +75,9 @@ std::vector<T> gradient(std::size_t n, std::uint32_t seed) {
   return g;
 }
 
+// Returns whether the selection took the candidate-list path.
 template <class T, class Index = std::uint32_t>
-void check_against_host(const std::vector<T>& g, std::size_t k, gcomp::detail::cuda_topk_workspace<T>& ws,
+bool check_against_host(const std::vector<T>& g, std::size_t k, gcomp::detail::cuda_topk_workspace<T>& ws,
                         cudaStream_t stream) {
   CAPTURE(g.size());
   CAPTURE(k);
@@ -96,6 +97,7 @@ void check_against_host(const std::vector<T>& g, std::size_t k, gcomp::detail::c
   for (std::size_t j = 0; same_bits && j < values.size(); ++j)
     same_bits = std::memcmp(&values[j], &expected.data[j], sizeof(T)) == 0;
   CHECK(same_bits);
+  return ws.last_used_list();
 }
 
 std::vector<std::size_t> ks_for(std::size_t n) {
@@ -121,8 +123,8 @@ TEST_CASE("ties everywhere: all-equal and two-valued gradients") {
   stream_holder s;
   gcomp::detail::cuda_topk_workspace<float> ws;
   const std::size_t n = (std::size_t{1} << 20) + 7;
-  const std::vector<float> same(n, -0.5f);  // the candidate list overflows: full passes
-  for (std::size_t k : ks_for(n)) check_against_host(same, k, ws, s.stream);
+  const std::vector<float> same(n, -0.5f);  // n candidates > the room: the fallback
+  for (std::size_t k : ks_for(n)) CHECK_FALSE(check_against_host(same, k, ws, s.stream));
   std::vector<float> two(n, 0.0f);
   for (std::size_t i = 0; i < n; i += 3) two[i] = (i % 2 == 0) ? 2.0f : -2.0f;
   for (std::size_t k : ks_for(n)) check_against_host(two, k, ws, s.stream);
@@ -130,6 +132,36 @@ TEST_CASE("ties everywhere: all-equal and two-valued gradients") {
   std::mt19937 rng(9);
   for (float& x : denormal) x = std::numeric_limits<float>::denorm_min() * static_cast<float>(rng() % 5000);
   for (std::size_t k : ks_for(n)) check_against_host(denormal, k, ws, s.stream);
+}
+
+TEST_CASE("Gaussian data takes the candidate list; heavy ties take the fallback") {
+  stream_holder s;
+  gcomp::detail::cuda_topk_workspace<float> ws;
+  const std::size_t n = std::size_t{1} << 20, k = n / 1000;
+  std::mt19937 rng(2024);
+  std::normal_distribution<float> dist(0.0f, 1.0f);
+  std::vector<float> g(n);
+  for (float& x : g) x = dist(rng);
+  CHECK(check_against_host(g, k, ws, s.stream));
+  CHECK(ws.last_candidates() >= k);
+  CHECK(ws.last_candidates() <= 3 * k);
+  // 30% of the entries tie at magnitude 4 (both signs): the threshold's bin
+  // holds more than the room, ties go to the lowest indices.
+  std::vector<float> tied = g;
+  for (float& x : tied)
+    if (rng() % 10 < 3) x = (rng() & 1) ? 4.0f : -4.0f;
+  CHECK_FALSE(check_against_host(tied, k, ws, s.stream));
+  CHECK(ws.last_candidates() > gcomp::detail::radix::candidate_room(n));
+  // The room is exact: room candidates use the list, room + 1 fall back.
+  const std::size_t room = gcomp::detail::radix::candidate_room(n);
+  for (std::size_t m : {room, room + 1}) {
+    std::vector<float> edge(n, 0.001f);
+    for (std::size_t j = 0; j < m; ++j) edge[j * 7] = (j % 2) ? 1.0f : -1.0f;
+    CHECK(check_against_host(edge, 10, ws, s.stream) == (m <= room));
+    CHECK(ws.last_candidates() == m);
+  }
+  // The fallback left the bitmaps zero: the list path is right again after it.
+  CHECK(check_against_host(g, k, ws, s.stream));
 }
 
 TEST_CASE("double values and 64-bit indices") {

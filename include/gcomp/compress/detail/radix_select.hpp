@@ -79,6 +79,31 @@ GCOMP_HD constexpr bool in_range(Key key, unsigned key_bits, unsigned level, Key
   return level == 0 || (key >> shift(key_bits, level - 1)) == prefix;
 }
 
+/// Whether `key` may be in the top-k once level 0 chose digit `d0`: its
+/// level-0 digit is d0 or above (the keys of the bins above d0, fewer than k,
+/// and the whole bin d0). These are the candidates the level-1 pass lists.
+template <class Key>
+GCOMP_HD constexpr bool at_or_above_digit0(Key key, unsigned key_bits, unsigned d0) {
+  return (key >> shift(key_bits, 0)) >= Key(d0);
+}
+
+/// Entries of the candidate list (index and value) for an n-element gradient:
+/// n/8 + 1024, at most n. The list is used when the level-0 histogram shows
+/// that the candidates (keys whose level-0 digit is the chosen one or above:
+/// the k - rank_in keys above the bin plus the bin) fit; otherwise every
+/// later pass reads the gradient (the fallback). Why n/8: a bin of 11 top
+/// bits is an eighth to a sixteenth of an octave wide, so on bell-shaped
+/// (Gaussian, Laplace) magnitudes the candidates stay under ~2.5 k and every
+/// k <= n/20 fits; a listed element costs 3 x its size in traffic (written
+/// once, read twice) against 2 full reads saved, so any list under ~n/3 is
+/// still a win, and n/8 bounds the memory (n bytes for float) while keeping
+/// uniform-like magnitudes (the top bin holds 1/8) at the edge. The 1024
+/// lets small gradients and k = 1 use the list despite a crowded top bin.
+GCOMP_HD constexpr std::size_t candidate_room(std::size_t n) {
+  const std::size_t room = n / 8 + 1024;
+  return room < n ? room : n;
+}
+
 /// The prefix after choosing `d` at `level`.
 template <class Key>
 GCOMP_HD constexpr Key extend(Key prefix, unsigned key_bits, unsigned level, unsigned d) {
@@ -111,18 +136,28 @@ GCOMP_HD bool choose_digit(const Count* hist, unsigned lo, unsigned hi, Rank ran
 /// (`equal_before`) precede it in index order: returns whether it is taken
 /// and sets `slot`, its position in the increasing-index output of k entries
 /// (the k - r keys above T and the first r keys equal to T).
-template <class Key, class Count>
-GCOMP_HD bool emit_slot(Key key, Key threshold, Count ties, Count above_before, Count equal_before,
-                        Count& slot) {
-  if (key > threshold) {
+/// emit_slot for an element known to be above T (`above`) or equal to T
+/// (!above): the form the bitmap collection uses, which keeps the class of
+/// each candidate in two bitmaps instead of re-reading its key.
+template <class Count>
+GCOMP_HD bool emit_flagged(bool above, Count ties, Count above_before, Count equal_before,
+                           Count& slot) {
+  if (above) {
     slot = above_before + (equal_before < ties ? equal_before : ties);
     return true;
   }
-  if (key == threshold && equal_before < ties) {
+  if (equal_before < ties) {
     slot = above_before + equal_before;
     return true;
   }
   return false;
+}
+
+template <class Key, class Count>
+GCOMP_HD bool emit_slot(Key key, Key threshold, Count ties, Count above_before, Count equal_before,
+                        Count& slot) {
+  if (key < threshold) return false;
+  return emit_flagged(key > threshold, ties, above_before, equal_before, slot);
 }
 
 /// Tile counts (keys above T, keys equal to T) packed in one 64-bit word,

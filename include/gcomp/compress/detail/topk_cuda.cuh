@@ -9,28 +9,43 @@
 //   choose:  one block scans the histogram from the top (each thread owns a
 //            few bins, a block scan gives the count above them) and appends
 //            the digit holding the k-th key to the prefix, on the device: no
-//            host round trip between passes.
-//   level 1: a read pass counting digit 1 of the keys in the chosen bin; the
-//            indices of those keys are appended (warp-aggregated atomics,
-//            unordered) to a candidate list of n/16 + 1024 entries.
-//   level 2+: only the candidate list is read, unless it overflowed (ties,
-//            all-equal data), in which case the kernel reads g in full; the
-//            kernel decides from the device-side count, so the host never waits.
+//            host round trip between passes. At level 0 it also counts the
+//            candidates, the keys whose digit 0 is the chosen d0 or above
+//            (the k - rank keys above d0's bin plus the bin), and picks the
+//            path: the candidate list if they fit its room
+//            (radix::candidate_room(n) = n/8 + 1024 entries), else the
+//            fallback. The decision stays on the device.
+//   level 1: a read pass counting digit 1 of the keys in d0's bin; on the
+//            list path it also appends every candidate (index and value,
+//            warp-aggregated atomics, any order). The count is known, so the
+//            list never overflows.
+//   level 2+: list path: only the list's values are read. Fallback (heavy
+//            ties or a crowded top bin): g is read in full.
 // After the last level the prefix is the k-th key T, and the rank left is r,
-// the number of keys equal to T to take. Collection (stable, index order):
-//   count:   one block per tile of 4096 elements counts keys > T and == T,
-//            packed in one 64-bit word (radix::pack_counts);
+// the number of keys equal to T to take. Collection (stable, index order),
+// through two bitmaps of n bits (keys > T, keys == T; zero between calls):
+//   mark:    list path: each listed key > T or == T sets its bit (atomicOr);
+//            fallback: one read pass of g, a warp ballot per bitmap word;
+//   count:   one block per tile of 4096 words (131072 elements) pops the
+//            counts of both bitmaps, packed in one 64-bit word
+//            (radix::pack_counts);
 //   scan:    cub::DeviceScan::ExclusiveSum over the packed tile counts;
-//   write:   each tile re-reads its elements, block-scans the flags in index
-//            order and writes the k - r keys above T and the first r equal to
-//            T at slot = above before + min(equal before, r) (radix::emit_slot).
-// So a float selection reads g four times in full (levels 0 and 1, count,
-// write) plus the small candidate list; host synchronization happens once, at
-// the end, to bring back the non-finite flag (see cuda_topk_finish).
+//   write:   each thread takes 16 words, block-scans its counts, walks its
+//            set bits in index order and writes the k - r keys above T and
+//            the first r equal to T at slot = above before + min(equal
+//            before, r) (radix::emit_flagged), gathering the values from g;
+//            it zeroes the words it read.
+// So a float selection reads g twice in full on the list path (levels 0 and
+// 1), plus the list (a few k entries on bell-shaped data), the two bitmaps
+// twice (n/16 bytes each time: 1/16 of a float read) and k gathers: about
+// 2.15 read passes. The fallback reads g 4 times (levels 0, 1, 2 and mark;
+// a double 7). Host synchronization happens once, at the end, to bring back
+// the non-finite flag (see cuda_topk_finish).
 //
-// Non-finite input: the write kernel writes nothing when the flag is set, so
-// the outputs keep their contents, and cuda_topk_finish throws gcomp::error
-// naming the first such index and its value, as the host does.
+// Non-finite input: mark and write do nothing when the flag is set, so the
+// outputs keep their contents (and the bitmaps stay zero), and
+// cuda_topk_finish throws gcomp::error naming the first such index and its
+// value, as the host does.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -56,8 +71,8 @@ namespace gcomp::detail {
 namespace topk_cuda {
 
 inline constexpr unsigned block_threads = 256;
-inline constexpr unsigned tile_items = 16;  // per thread in the collection passes
-inline constexpr unsigned tile = block_threads * tile_items;
+inline constexpr unsigned thread_words = 16;  // bitmap words per thread in the collection passes
+inline constexpr unsigned tile_words = block_threads * thread_words;  // 4096 words = 131072 elements
 inline constexpr unsigned long long no_index = ~0ull;
 
 /// What the passes hand each other on the device (one per workspace).
@@ -67,7 +82,9 @@ struct state {
   unsigned long long rank;      // rank of the k-th key inside the prefix's range; at the end r
   unsigned long long first_bad; // lowest index of a non-finite element, or no_index
   double bad_value;             // its value, for the message
-  unsigned int candidates;      // keys appended to the candidate list (may exceed its room)
+  unsigned long long candidates;  // keys at or above level 0's bin (from its histogram)
+  unsigned int appended;        // entries the level-1 pass appended to the list
+  unsigned int use_list;        // 1: the candidates fit the list; 0: the fallback (full reads)
 };
 
 template <class T>
@@ -82,17 +99,20 @@ __global__ void init_kernel(state<key_of<T>>* st, unsigned int* hist, unsigned l
     st->first_bad = no_index;
     st->bad_value = 0.0;
     st->candidates = 0;
+    st->appended = 0;
+    st->use_list = 0;
   }
 }
 
-// One level's histogram (see the header comment). The loop bound is
-// block-uniform, so every warp reaches the ballot of the candidate append
-// with all its lanes.
+// One level's histogram (see the header comment). Level 0 and 1 read g; on
+// the list path level 1 also appends every key at or above level 0's digit
+// (index and value) and later levels read only the list's values. The loop
+// bound is block-uniform, so every warp reaches the ballot with all its lanes.
 template <class T>
 __global__ void __launch_bounds__(block_threads)
     histogram_kernel(const T* __restrict__ g, unsigned int n, state<key_of<T>>* st,
-                     unsigned int* hist, unsigned int* candidates, unsigned int room, unsigned level,
-                     bool collect) {
+                     unsigned int* hist, unsigned int* list_index, T* list_value, unsigned int room,
+                     unsigned level) {
   using traits = radix::key_traits<T>;
   using key_type = key_of<T>;
   constexpr unsigned kb = traits::key_bits;
@@ -101,28 +121,24 @@ __global__ void __launch_bounds__(block_threads)
   for (unsigned b = threadIdx.x; b < bins; b += blockDim.x) counts[b] = 0;
   __syncthreads();
   const key_type prefix = level == 0 ? key_type(0) : st->prefix;
-  bool list = false;
-  unsigned long long m = n;
-  if (level >= 2) {
-    const unsigned int c = st->candidates;
-    if (c <= room) {
-      list = true;
-      m = c;
-    }
-  }
+  const bool use_list = level >= 1 && st->use_list != 0;
+  const bool list = use_list && level >= 2;     // read the list instead of g
+  const bool collect = use_list && level == 1;  // build the list
+  const unsigned d0 = static_cast<unsigned>(prefix);  // at level 1 the prefix is digit 0
+  const unsigned long long m = list ? (st->appended < room ? st->appended : room) : n;
   unsigned long long bad = no_index;
   const unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
   for (unsigned long long base = static_cast<unsigned long long>(blockIdx.x) * blockDim.x; base < m;
        base += stride) {
     const unsigned long long j = base + threadIdx.x;
     bool hit = false;
-    unsigned int i = 0;
+    T value = T(0);
     if (j < m) {
-      i = list ? candidates[j] : static_cast<unsigned int>(j);
-      const key_type key = traits::key(g[i]);
-      if (level == 0 && !traits::finite_key(key)) bad = bad < i ? bad : i;
-      hit = radix::in_range(key, kb, level, prefix);
-      if (hit) atomicAdd(&counts[radix::digit(key, kb, level)], 1u);
+      value = list ? list_value[j] : g[j];
+      const key_type key = traits::key(value);
+      if (level == 0 && !traits::finite_key(key)) bad = bad < j ? bad : j;
+      hit = collect && radix::at_or_above_digit0(key, kb, d0);
+      if (radix::in_range(key, kb, level, prefix)) atomicAdd(&counts[radix::digit(key, kb, level)], 1u);
     }
     if (collect) {
       // One atomic per warp, not per hit: the leader reserves the warp's slots.
@@ -131,10 +147,14 @@ __global__ void __launch_bounds__(block_threads)
         const unsigned lane = threadIdx.x & 31u;
         const int leader = __ffs(static_cast<int>(ballot)) - 1;
         unsigned int at = 0;
-        if (static_cast<int>(lane) == leader) at = atomicAdd(&st->candidates, __popc(ballot));
+        if (static_cast<int>(lane) == leader) at = atomicAdd(&st->appended, __popc(ballot));
         at = __shfl_sync(0xffffffffu, at, leader);
         const unsigned int pos = at + static_cast<unsigned>(__popc(ballot & ((1u << lane) - 1u)));
-        if (hit && pos < room) candidates[pos] = i;
+        // The level-0 histogram announced the count and it fits: the guard never fails.
+        if (hit && pos < room) {
+          list_index[pos] = static_cast<unsigned int>(j);
+          list_value[pos] = value;
+        }
       }
     }
   }
@@ -147,10 +167,13 @@ __global__ void __launch_bounds__(block_threads)
 // Appends the digit holding the k-th key to the prefix and clears the
 // global histogram for the next level. Each thread owns `per` bins counted
 // from the top; the block scan gives the count above its share, and the one
-// thread whose share holds the rank chooses (radix::choose_digit).
+// thread whose share holds the rank chooses (radix::choose_digit). At level
+// 0 it also decides the path: the candidates (keys above the chosen bin, k -
+// rank inside it, plus the bin) go to the list iff they fit its room.
 template <class T>
 __global__ void __launch_bounds__(block_threads)
-    choose_kernel(const T* __restrict__ g, state<key_of<T>>* st, unsigned int* hist, unsigned level) {
+    choose_kernel(const T* __restrict__ g, state<key_of<T>>* st, unsigned int* hist, unsigned level,
+                  unsigned int room) {
   using traits = radix::key_traits<T>;
   constexpr unsigned kb = traits::key_bits;
   using scan = cub::BlockScan<unsigned long long, block_threads>;
@@ -177,71 +200,125 @@ __global__ void __launch_bounds__(block_threads)
     radix::choose_digit(counts, lo, hi, rank - above, d, in);
     st->prefix = radix::extend(prefix, kb, level, d);
     st->rank = in;
+    if (level == 0) {
+      const unsigned long long candidates = rank - in + counts[d];
+      st->candidates = candidates;
+      st->use_list = candidates <= room ? 1u : 0u;
+    }
   }
   if (level == 0 && threadIdx.x == 0 && st->first_bad != no_index)
     st->bad_value = static_cast<double>(g[st->first_bad]);
 }
 
-// Per tile: keys above T and equal to T, packed.
+// Marks the keys above T and equal to T in two bitmaps (bit i of word i/32):
+// from the list (atomicOr, any order) or, on the fallback, from all of g (a
+// warp's ballot is one word: each warp covers 32 aligned indices). The
+// bitmaps are zero on entry; nothing is marked when the input was not finite.
 template <class T>
 __global__ void __launch_bounds__(block_threads)
-    count_kernel(const T* __restrict__ g, unsigned int n, const state<key_of<T>>* st,
-                 unsigned long long* packed) {
+    mark_kernel(const T* __restrict__ g, unsigned int n, const state<key_of<T>>* st,
+                const unsigned int* __restrict__ list_index, const T* __restrict__ list_value,
+                unsigned int room, unsigned int* above_bits, unsigned int* equal_bits) {
   using traits = radix::key_traits<T>;
+  if (st->first_bad != no_index) return;
+  const key_of<T> threshold = st->prefix;
+  const unsigned long long stride = static_cast<unsigned long long>(gridDim.x) * blockDim.x;
+  if (st->use_list != 0) {
+    const unsigned long long m = st->appended < room ? st->appended : room;
+    for (unsigned long long j = static_cast<unsigned long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+         j < m; j += stride) {
+      const key_of<T> key = traits::key(list_value[j]);
+      const unsigned int i = list_index[j];
+      if (key > threshold) atomicOr(&above_bits[i >> 5], 1u << (i & 31u));
+      else if (key == threshold) atomicOr(&equal_bits[i >> 5], 1u << (i & 31u));
+    }
+    return;
+  }
+  for (unsigned long long base = static_cast<unsigned long long>(blockIdx.x) * blockDim.x; base < n;
+       base += stride) {
+    const unsigned long long i = base + threadIdx.x;
+    key_of<T> key = 0;
+    if (i < n) key = traits::key(g[i]);
+    const unsigned up = __ballot_sync(0xffffffffu, i < n && key > threshold);
+    const unsigned eq = __ballot_sync(0xffffffffu, i < n && key == threshold);
+    if ((threadIdx.x & 31u) == 0) {
+      if (up != 0) above_bits[i >> 5] = up;
+      if (eq != 0) equal_bits[i >> 5] = eq;
+    }
+  }
+}
+
+// Per tile of bitmap words: keys above T and equal to T, packed. Each thread
+// counts its 16 consecutive words (the bitmaps are padded to whole tiles).
+__global__ void __launch_bounds__(block_threads)
+    count_kernel(const unsigned int* __restrict__ above_bits, const unsigned int* __restrict__ equal_bits,
+                 unsigned long long* packed) {
   using reduce = cub::BlockReduce<unsigned long long, block_threads>;
   __shared__ typename reduce::TempStorage temp;
-  const key_of<T> threshold = st->prefix;
-  const unsigned long long start = static_cast<unsigned long long>(blockIdx.x) * tile;
+  const std::size_t first = static_cast<std::size_t>(blockIdx.x) * tile_words + threadIdx.x * thread_words;
+  const auto* up4 = reinterpret_cast<const uint4*>(above_bits + first);
+  const auto* eq4 = reinterpret_cast<const uint4*>(equal_bits + first);
   std::uint32_t above = 0, equal = 0;
-  for (unsigned r = 0; r < tile_items; ++r) {
-    const unsigned long long i = start + r * block_threads + threadIdx.x;
-    if (i < n) {
-      const key_of<T> key = traits::key(g[i]);
-      above += key > threshold ? 1u : 0u;
-      equal += key == threshold ? 1u : 0u;
-    }
+  for (unsigned q = 0; q < thread_words / 4; ++q) {
+    const uint4 u = up4[q], e = eq4[q];
+    above += __popc(u.x) + __popc(u.y) + __popc(u.z) + __popc(u.w);
+    equal += __popc(e.x) + __popc(e.y) + __popc(e.z) + __popc(e.w);
   }
   const unsigned long long total = reduce(temp).Sum(radix::pack_counts(above, equal));
   if (threadIdx.x == 0) packed[blockIdx.x] = total;
 }
 
-// Per tile, in index order: the elements above T and the first r equal to
-// T go to their slots; nothing is written when the input had a non-finite value.
+// Per tile, in index order: each thread scans the counts of its 16 words
+// after those of the threads before it, walks its set bits from the lowest
+// index, places the keys above T and the first r equal to T (radix::
+// emit_flagged), gathers their values from g, and zeroes its words for the
+// next call. Nothing is written when the input had a non-finite value (the
+// bitmaps are then still zero).
 template <class T, class Index>
 __global__ void __launch_bounds__(block_threads)
-    write_kernel(const T* __restrict__ g, unsigned int n, const state<key_of<T>>* st,
-                 const unsigned long long* __restrict__ tile_before, T* values, Index* indices) {
-  using traits = radix::key_traits<T>;
+    write_kernel(const T* __restrict__ g, const state<key_of<T>>* st,
+                 const unsigned long long* __restrict__ tile_before, unsigned int* above_bits,
+                 unsigned int* equal_bits, T* values, Index* indices) {
   using scan = cub::BlockScan<unsigned long long, block_threads>;
   __shared__ typename scan::TempStorage temp;
   if (st->first_bad != no_index) return;
-  const key_of<T> threshold = st->prefix;
   const unsigned long long ties = st->rank;
-  unsigned long long running = tile_before[blockIdx.x];
-  const unsigned long long start = static_cast<unsigned long long>(blockIdx.x) * tile;
-  for (unsigned r = 0; r < tile_items; ++r) {
-    const unsigned long long i = start + r * block_threads + threadIdx.x;
-    key_of<T> key = 0;
-    T value = T(0);
-    unsigned long long flags = 0;
-    if (i < n) {
-      value = g[i];
-      key = traits::key(value);
-      flags = radix::pack_counts(key > threshold ? 1u : 0u, key == threshold ? 1u : 0u);
+  const std::size_t first = static_cast<std::size_t>(blockIdx.x) * tile_words + threadIdx.x * thread_words;
+  auto* up4 = reinterpret_cast<uint4*>(above_bits + first);
+  auto* eq4 = reinterpret_cast<uint4*>(equal_bits + first);
+  uint4 up[thread_words / 4], eq[thread_words / 4];
+  std::uint32_t above = 0, equal = 0;
+  for (unsigned q = 0; q < thread_words / 4; ++q) {
+    up[q] = up4[q];
+    eq[q] = eq4[q];
+    above += __popc(up[q].x) + __popc(up[q].y) + __popc(up[q].z) + __popc(up[q].w);
+    equal += __popc(eq[q].x) + __popc(eq[q].y) + __popc(eq[q].z) + __popc(eq[q].w);
+  }
+  unsigned long long before = 0;
+  scan(temp).ExclusiveSum(radix::pack_counts(above, equal), before);
+  // Packed sums carry nothing from the low half: each half stays below 2^32.
+  const unsigned long long at = tile_before[blockIdx.x] + before;
+  unsigned long long above_before = radix::packed_above(at), equal_before = radix::packed_equal(at);
+  if (above == 0 && equal == 0) return;
+  for (unsigned q = 0; q < thread_words / 4; ++q) {
+    const unsigned int uw[4] = {up[q].x, up[q].y, up[q].z, up[q].w};
+    const unsigned int ew[4] = {eq[q].x, eq[q].y, eq[q].z, eq[q].w};
+    for (unsigned w = 0; w < 4; ++w) {
+      for (unsigned int bits = uw[w] | ew[w]; bits != 0; bits &= bits - 1u) {
+        const unsigned b = static_cast<unsigned>(__ffs(static_cast<int>(bits)) - 1);
+        const std::size_t i = (first + q * 4 + w) * 32 + b;
+        const bool is_above = ((uw[w] >> b) & 1u) != 0;
+        unsigned long long slot = 0;
+        if (radix::emit_flagged<unsigned long long>(is_above, ties, above_before, equal_before, slot)) {
+          values[slot] = g[i];
+          indices[slot] = static_cast<Index>(i);
+        }
+        above_before += is_above ? 1u : 0u;
+        equal_before += is_above ? 0u : 1u;
+      }
     }
-    unsigned long long before = 0, aggregate = 0;
-    scan(temp).ExclusiveSum(flags, before, aggregate);
-    // Packed sums carry nothing from the low half: each half stays below 2^32.
-    const unsigned long long at = running + before;
-    unsigned long long slot = 0;
-    if (i < n && radix::emit_slot<key_of<T>, unsigned long long>(key, threshold, ties,
-                                                                 radix::packed_above(at),
-                                                                 radix::packed_equal(at), slot)) {
-      values[slot] = value;
-      indices[slot] = static_cast<Index>(i);
-    }
-    running += aggregate;
-    __syncthreads();  // the scan's temporary storage is reused next round
+    if ((up[q].x | up[q].y | up[q].z | up[q].w) != 0) up4[q] = make_uint4(0, 0, 0, 0);
+    if ((eq[q].x | eq[q].y | eq[q].z | eq[q].w) != 0) eq4[q] = make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -261,8 +338,10 @@ class cuda_topk_workspace {
   /// the memory held is smaller; otherwise does nothing.
   void reserve(std::size_t n, std::string_view where) {
     if (device_ && n <= capacity_) return;
-    const std::size_t tiles = std::max<std::size_t>(1, (n + topk_cuda::tile - 1) / topk_cuda::tile);
-    const std::size_t room = n / 16 + 1024;
+    const std::size_t words = (n + 31) / 32;
+    const std::size_t tiles = std::max<std::size_t>(1, (words + topk_cuda::tile_words - 1) / topk_cuda::tile_words);
+    const std::size_t bitmap_words = tiles * topk_cuda::tile_words;  // padded: whole uint4 tiles, zero tail
+    const std::size_t room = radix::candidate_room(n);
     std::size_t scan_bytes = 0;
     cuda_check(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes,
                                              static_cast<const unsigned long long*>(nullptr),
@@ -278,7 +357,11 @@ class cuda_topk_workspace {
     };
     const std::size_t state_at = place(sizeof(state_type));
     const std::size_t hist_at = place(radix::max_bins * sizeof(unsigned int));
-    const std::size_t cand_at = place(room * sizeof(unsigned int));
+    const std::size_t index_at = place(room * sizeof(unsigned int));
+    const std::size_t value_at = place(room * sizeof(T));
+    // The two bitmaps back to back (bitmap_words * 4 bytes is a multiple of 256): one memset clears both.
+    const std::size_t above_at = place(bitmap_words * sizeof(unsigned int));
+    const std::size_t equal_at = place(bitmap_words * sizeof(unsigned int));
     const std::size_t counts_at = place(tiles * sizeof(unsigned long long));
     const std::size_t before_at = place(tiles * sizeof(unsigned long long));
     const std::size_t scan_at = place(scan_bytes);
@@ -296,7 +379,13 @@ class cuda_topk_workspace {
     auto* base = static_cast<unsigned char*>(device_.get());
     state_ = reinterpret_cast<state_type*>(base + state_at);
     hist_ = reinterpret_cast<unsigned int*>(base + hist_at);
-    candidates_ = reinterpret_cast<unsigned int*>(base + cand_at);
+    list_index_ = reinterpret_cast<unsigned int*>(base + index_at);
+    list_value_ = reinterpret_cast<T*>(base + value_at);
+    above_bits_ = reinterpret_cast<unsigned int*>(base + above_at);
+    equal_bits_ = reinterpret_cast<unsigned int*>(base + equal_at);
+    bitmap_words_ = bitmap_words;
+    tiles_ = static_cast<unsigned>(tiles);
+    fresh_ = true;  // the bitmaps must be zeroed (on the caller's stream) before first use
     counts_ = reinterpret_cast<unsigned long long*>(base + counts_at);
     before_ = reinterpret_cast<unsigned long long*>(base + before_at);
     scan_temp_ = base + scan_at;
@@ -306,6 +395,14 @@ class cuda_topk_workspace {
   }
 
   std::size_t capacity() const { return capacity_; }
+
+  /// After cuda_topk_finish: whether the last selection ran its later passes
+  /// on the candidate list (true) or fell back to full reads of g (false),
+  /// and how many candidates level 0 announced. For tests and benchmarks.
+  bool last_used_list() const { return host_ && static_cast<const state_type*>(host_.get())->use_list != 0; }
+  std::size_t last_candidates() const {
+    return host_ ? static_cast<std::size_t>(static_cast<const state_type*>(host_.get())->candidates) : 0;
+  }
 
  private:
   struct device_free {
@@ -327,8 +424,14 @@ class cuda_topk_workspace {
   int sms_ = 1;
   state_type* state_ = nullptr;
   unsigned int* hist_ = nullptr;
-  unsigned int* candidates_ = nullptr;
+  unsigned int* list_index_ = nullptr;  // candidate list: indices ...
+  T* list_value_ = nullptr;             // ... and values, in append order
   unsigned int room_ = 0;
+  unsigned int* above_bits_ = nullptr;  // bit i: key of element i > T (zero between calls)
+  unsigned int* equal_bits_ = nullptr;  // bit i: key of element i == T (zero between calls)
+  std::size_t bitmap_words_ = 0;
+  unsigned tiles_ = 1;
+  bool fresh_ = false;
   unsigned long long* counts_ = nullptr;
   unsigned long long* before_ = nullptr;
   void* scan_temp_ = nullptr;
@@ -370,21 +473,32 @@ void cuda_topk_async(cudaStream_t stream, std::span<const T> g, std::size_t k,
   // Enough blocks to fill every SM several times over; each strides over the data.
   const std::size_t wanted = (n + block_threads - 1) / block_threads;
   const unsigned grid = static_cast<unsigned>(std::min<std::size_t>(wanted, std::size_t(ws.sms_) * 8));
-  const unsigned tiles = static_cast<unsigned>((n + tile - 1) / tile);
+  // Only the tiles covering n's bits; the workspace may be larger.
+  const unsigned tiles = static_cast<unsigned>(std::max<std::size_t>(1, ((n + 31) / 32 + tile_words - 1) / tile_words));
 
+  // The room of this size, not of the (maybe larger) workspace: the path
+  // depends on the call alone, as in the host emulation.
+  const auto room = static_cast<unsigned int>(radix::candidate_room(n));
+  if (ws.fresh_) {
+    cuda_check(cudaMemsetAsync(ws.above_bits_, 0, 2 * ws.bitmap_words_ * sizeof(unsigned int), stream), where,
+               "cudaMemsetAsync of the bitmaps");
+    ws.fresh_ = false;
+  }
   init_kernel<T><<<1, block_threads, 0, stream>>>(ws.state_, ws.hist_, k);
   for (unsigned level = 0; level < levels; ++level) {
-    histogram_kernel<T><<<grid, block_threads, 0, stream>>>(p, n32, ws.state_, ws.hist_, ws.candidates_,
-                                                            ws.room_, level, level == 1);
-    choose_kernel<T><<<1, block_threads, 0, stream>>>(p, ws.state_, ws.hist_, level);
+    histogram_kernel<T><<<grid, block_threads, 0, stream>>>(p, n32, ws.state_, ws.hist_, ws.list_index_,
+                                                            ws.list_value_, room, level);
+    choose_kernel<T><<<1, block_threads, 0, stream>>>(p, ws.state_, ws.hist_, level, room);
   }
-  count_kernel<T><<<tiles, block_threads, 0, stream>>>(p, n32, ws.state_, ws.counts_);
+  mark_kernel<T><<<grid, block_threads, 0, stream>>>(p, n32, ws.state_, ws.list_index_, ws.list_value_,
+                                                     room, ws.above_bits_, ws.equal_bits_);
+  count_kernel<<<tiles, block_threads, 0, stream>>>(ws.above_bits_, ws.equal_bits_, ws.counts_);
   std::size_t scan_bytes = ws.scan_bytes_;
   cuda_check(cub::DeviceScan::ExclusiveSum(ws.scan_temp_, scan_bytes, ws.counts_, ws.before_,
                                            static_cast<int>(tiles), stream),
              where, "cub::DeviceScan::ExclusiveSum");
-  write_kernel<T, Index><<<tiles, block_threads, 0, stream>>>(p, n32, ws.state_, ws.before_, values_out,
-                                                              indices_out);
+  write_kernel<T, Index><<<tiles, block_threads, 0, stream>>>(p, ws.state_, ws.before_, ws.above_bits_,
+                                                              ws.equal_bits_, values_out, indices_out);
   // Launch errors (bad configuration, no device) show here without a sync.
   cuda_check(cudaGetLastError(), where, "launching the top-k kernels");
   ws.pending_n_ = n;
