@@ -87,3 +87,24 @@ function(gcomp_warnings target)
   target_compile_options(${target} PRIVATE
     $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wpedantic -Werror>)
 endfunction()
+
+# nvcc options of the project's CUDA targets (tests/cuda, bench/cuda):
+# --extended-lambda for the library's [=] GCOMP_HD lambdas, -std=c++20 by hand
+# (CMake 3.25 knows no CUDA_STANDARD 20 for nvcc), -Wall -Wextra on the host
+# passes (not -Werror: CCCL is not guaranteed warning-free under nvcc), and
+# sm_90 code plus compute_90 PTX unless CMAKE_CUDA_ARCHITECTURES says
+# otherwise. BITWISE adds --fmad=false: nvcc otherwise contracts a * b + c
+# into one FMA where the host rounds twice, and bitwise host/device
+# comparisons would fail.
+function(gcomp_cuda_options target)
+  cmake_parse_arguments(PARSE_ARGV 1 arg "BITWISE" "" "")
+  if(NOT CMAKE_CUDA_ARCHITECTURES)
+    set_target_properties(${target} PROPERTIES CUDA_ARCHITECTURES "90-real;90-virtual")
+  endif()
+  set(fmad)
+  if(arg_BITWISE)
+    set(fmad --fmad=false)
+  endif()
+  target_compile_options(${target} PRIVATE
+    $<$<COMPILE_LANGUAGE:CUDA>:-std=c++20 --extended-lambda ${fmad} -Xcompiler=-Wall,-Wextra>)
+endfunction()

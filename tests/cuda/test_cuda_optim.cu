@@ -1,5 +1,4 @@
 // Optimizers under cuda_par: state in device policy_buffers, results bitwise those of host_seq; exits 77 (skipped) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
 #include <gcomp/exec/buffer.hpp>
@@ -16,27 +15,17 @@
 
 #include "../optim_sameness.hpp"
 
+#include "cuda_support.hpp"
+
+using gcomp_test::cuda_require;
+using gcomp_test::stream_holder;
+
 namespace {
 using namespace gcomp_test::sameness;
 
 static_assert(gcomp::optimizer<gcomp::sgd<float>, gcomp::cuda_par>);
 static_assert(gcomp::optimizer<gcomp::lamb<double>, gcomp::cuda_par, double>);
 static_assert(gcomp::buffer_policy<gcomp::cuda_par>);
-
-void cuda_require(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    FAIL(what, ": ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
-}
-
-// A non-blocking stream of its own: nothing orders it with the legacy default
-// stream, so a missing wait in the buffer's copies would show.
-struct stream_holder {
-  cudaStream_t stream = nullptr;
-  stream_holder() {
-    cuda_require(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  }
-  ~stream_holder() { cudaStreamDestroy(stream); }
-};
 
 }  // namespace
 
@@ -122,16 +111,4 @@ TEST_CASE("policy_buffer turns CUDA errors into gcomp::error naming the call") {
   // The error was cleared: the next allocation works.
   b.assign(gcomp::cuda_par{}, 4, 1.0f);
   CHECK(b.to_host() == std::vector<float>(4, 1.0f));
-}
-
-int main(int argc, char** argv) {
-  int devices = 0;
-  const cudaError_t status = cudaGetDeviceCount(&devices);
-  if (status != cudaSuccess || devices == 0) {
-    std::printf("test_cuda_optim: no CUDA device (%s); skipped\n",
-                status != cudaSuccess ? cudaGetErrorString(status) : "count is 0");
-    return 77;  // ctest's SKIP_RETURN_CODE
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }

@@ -1,5 +1,4 @@
 // Tests of gcomp/exec/cuda.cuh: cuda_par's primitives on device memory agree bitwise with host_seq; exits 77 (skipped) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
 #include <gcomp/exec/cuda.cuh>
@@ -19,6 +18,11 @@
 
 #include "../primitive_oracles.hpp"
 
+#include "cuda_support.hpp"
+
+using gcomp_test::cuda_require;
+using gcomp_test::stream_holder;
+
 namespace {
 using namespace gcomp_test;
 
@@ -28,11 +32,6 @@ static_assert(!gcomp::host_memory_policy<gcomp::thrust_device>,
               "under nvcc thrust::device is the CUDA system");
 
 constexpr std::size_t sizes[] = {0, 1, 7, 8, 4095, 4096, 4097, 100003, std::size_t{1} << 20};
-
-void cuda_require(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    FAIL(what, ": ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
-}
 
 // Device memory holding a copy of a host vector (or n elements), freed at scope exit.
 template <class T>
@@ -61,13 +60,6 @@ class device_buffer {
  private:
   T* data_ = nullptr;
   std::size_t size_;
-};
-
-// A stream of its own, so the tests also cover a non-default stream.
-struct stream_holder {
-  cudaStream_t stream = nullptr;
-  stream_holder() { cuda_require(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"); }
-  ~stream_holder() { cudaStreamDestroy(stream); }
 };
 
 }  // namespace
@@ -240,16 +232,4 @@ TEST_CASE("cuda_par turns CUDA errors into gcomp::error") {
   // The error was cleared: the policy still works.
   CHECK(gcomp::transform_reduce(policy, 5000, 0, plus_i{}, [] GCOMP_HD(std::size_t) { return 1; }) ==
         5000);
-}
-
-int main(int argc, char** argv) {
-  int devices = 0;
-  const cudaError_t status = cudaGetDeviceCount(&devices);
-  if (status != cudaSuccess || devices == 0) {
-    std::printf("test_cuda_primitives: no CUDA device (%s); skipped\n",
-                status != cudaSuccess ? cudaGetErrorString(status) : "count is 0");
-    return 77;  // ctest's SKIP_RETURN_CODE
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }

@@ -1,5 +1,4 @@
 // The GPU top-k (gcomp/compress/detail/topk_cuda.cuh): the same indices and values as the host gcomp::topk, the non-finite error path, argument checks; exits 77 (skipped) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
 #include <gcomp/compress/detail/topk_cuda.cuh>
@@ -18,22 +17,12 @@
 #include <string>
 #include <vector>
 
+#include "cuda_support.hpp"
+
+using gcomp_test::cuda_require;
+using gcomp_test::stream_holder;
+
 namespace {
-
-void cuda_require(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    FAIL(what, ": ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
-}
-
-// A non-blocking stream: nothing orders it with the legacy default stream,
-// so a kernel launched on the wrong stream or a missing wait would show.
-struct stream_holder {
-  cudaStream_t stream = nullptr;
-  stream_holder() {
-    cuda_require(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-  }
-  ~stream_holder() { cudaStreamDestroy(stream); }
-};
 
 template <class T>
 struct device_array {
@@ -212,16 +201,4 @@ TEST_CASE("arguments are checked before anything is queued") {
   CHECK_THROWS_AS(gcomp::detail::cuda_topk(s.stream, g, 3, ws, static_cast<float*>(nullptr), di.p),
                   gcomp::error);
   CHECK(ws.capacity() == 0);  // nothing was allocated for rejected calls
-}
-
-int main(int argc, char** argv) {
-  int devices = 0;
-  const cudaError_t status = cudaGetDeviceCount(&devices);
-  if (status != cudaSuccess || devices == 0) {
-    std::printf("test_cuda_topk: no CUDA device (%s); skipped\n",
-                status != cudaSuccess ? cudaGetErrorString(status) : "count is 0");
-    return 77;  // ctest's SKIP_RETURN_CODE
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }

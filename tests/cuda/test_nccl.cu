@@ -1,5 +1,4 @@
 // Tests of gcomp/comm/nccl.hpp on one GPU: a single-rank NCCL communicator runs the shared suite (host and device buffers); exits 77 (skipped) without a GPU.
-#define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
 #include <gcomp/comm/nccl.hpp>
@@ -20,6 +19,11 @@
 
 #include "../comm_suite.hpp"
 
+#include "cuda_support.hpp"
+
+using gcomp_test::cuda_require;
+using gcomp_test::stream_holder;
+
 namespace {
 
 using gcomp::cuda_par;
@@ -30,11 +34,6 @@ static_assert(gcomp::communicator<nccl_comm, cuda_par, float>);
 static_assert(gcomp::communicator<nccl_comm, cuda_par, double>);
 static_assert(gcomp::communicator<nccl_comm, host_seq, int>);
 static_assert(gcomp::collective_request<gcomp::nccl_request>);
-
-void cuda_require(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    FAIL(what, ": ", cudaGetErrorName(status), ": ", cudaGetErrorString(status));
-}
 
 // The suite's Memory for device policies: place() copies a host vector to a
 // new device allocation (freed with this object), fetch() waits for `stream`
@@ -147,16 +146,4 @@ TEST_CASE("nccl: NCCL and CUDA failures become gcomp::error with their own strin
   const std::string cuda_text = cudaGetErrorString(cudaErrorInvalidValue);
   CHECK_THROWS_WITH_AS(gcomp::detail::nccl_cuda_check(cudaErrorInvalidValue, "where", "cudaX"),
                        doctest::Contains(cuda_text.c_str()), gcomp::error);
-}
-
-int main(int argc, char** argv) {
-  int devices = 0;
-  const cudaError_t status = cudaGetDeviceCount(&devices);
-  if (status != cudaSuccess || devices == 0) {
-    std::printf("test_nccl: no CUDA device (%s); skipped\n",
-                status != cudaSuccess ? cudaGetErrorString(status) : "count is 0");
-    return 77;  // ctest's SKIP_RETURN_CODE
-  }
-  doctest::Context context(argc, argv);
-  return context.run();
 }
