@@ -4,12 +4,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <span>
-#include <string_view>
 #include <utility>
-#include <vector>
 
-#include "gcomp/core/concepts.hpp"
-#include "gcomp/core/error.hpp"
+#include "gcomp/compress/detail/stateful_wrapper.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/exec/host.hpp"
 
@@ -35,69 +32,46 @@ namespace gcomp {
 /// compress() and reused. compress() keeps one more buffer for g - h so that
 /// a throwing C leaves h untouched.
 template <class C>
-class ef21 {
+class ef21 : public detail::stateful_wrapper<C> {
+  using base = detail::stateful_wrapper<C>;
+
  public:
-  using compressor_type = C;
-  using value_type = typename C::value_type;
-  using payload = typename C::payload;
-  static constexpr bool unbiased = false;
-  static constexpr bool shared_support = compressor_traits<C>::shared_support;
+  using typename base::payload;
+  using typename base::value_type;
 
   ef21() = default;
-  explicit ef21(C inner) : inner_(std::move(inner)) {}
+  explicit ef21(C inner) : base(std::move(inner)) {}
 
   template <class Policy>
   void compress(const Policy& policy, std::span<const value_type> gradient, payload& message,
                 rng_key key) {
-    constexpr std::string_view where = "gcomp::ef21::compress";
     const std::size_t n = gradient.size();
-    if (started_)
-      check_same_size(where, "gradient", n, "state", state_.size());
-    else
-      state_.assign(n, value_type(0));
-    difference_.resize(n);
-    value_type* d = difference_.data();
-    const value_type* h = state_.data();
+    this->prepare("gcomp::ef21::compress", "state", n);
+    value_type* d = this->scratch_.data();  // g - h, reused
+    const value_type* h = this->state_.data();
     const value_type* g = gradient.data();
     for_each_index(policy, n, [=](std::size_t i) { d[i] = g[i] - h[i]; });
-    inner_.compress(policy, std::span<const value_type>(difference_), message, key);
-    started_ = true;
-    inner_.decompress_add(policy, message, std::span<value_type>(state_), value_type(1));
+    this->inner_.compress(policy, std::span<const value_type>(this->scratch_), message, key);
+    this->started_ = true;
+    this->inner_.decompress_add(policy, message, std::span<value_type>(this->state_),
+                                value_type(1));
   }
 
-  /// out += scale * (the increment of h that `message` carries).
-  template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<value_type> out,
-                      value_type scale) const {
-    inner_.decompress_add(policy, message, out, scale);
-  }
-
-  std::size_t wire_bytes(const payload& message) const { return inner_.wire_bytes(message); }
-  double bits_per_element(std::size_t n) const {
-    return compressor_traits<C>::bits_per_element(inner_, n);
-  }
+  // decompress_add(policy, message, out, scale) (from the base):
+  // out += scale * (the increment of h that `message` carries).
 
   /// The worker's estimate h after the last compress() (empty before the first).
-  std::span<const value_type> state() const { return state_; }
+  std::span<const value_type> state() const { return this->state_; }
   /// Writable h (empty before the first compress() or assign_state()).
-  std::span<value_type> state() { return state_; }
+  std::span<value_type> state() { return this->state_; }
   /// Sets h (and its size) before or between steps, e.g. h = g_0.
   void assign_state(std::span<const value_type> h) {
-    state_.assign(h.begin(), h.end());
-    started_ = true;
+    this->state_.assign(h.begin(), h.end());
+    this->started_ = true;
   }
   /// h = 0 again (storage and size kept); the receiver must reset its
   /// estimate at the same step.
-  void reset() { std::fill(state_.begin(), state_.end(), value_type(0)); }
-
-  C& inner() { return inner_; }
-  const C& inner() const { return inner_; }
-
- private:
-  C inner_;
-  std::vector<value_type> state_;       // h
-  std::vector<value_type> difference_;  // g - h, reused
-  bool started_ = false;
+  void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
 };
 
 }  // namespace gcomp

@@ -4,12 +4,9 @@
 #include <algorithm>
 #include <cstddef>
 #include <span>
-#include <string_view>
 #include <utility>
-#include <vector>
 
-#include "gcomp/core/concepts.hpp"
-#include "gcomp/core/error.hpp"
+#include "gcomp/compress/detail/stateful_wrapper.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/exec/host.hpp"
 
@@ -33,65 +30,40 @@ namespace gcomp {
 /// gradient of another size afterwards is an error. compress() needs one more
 /// buffer of the same size for p, so that a throwing C leaves e untouched.
 template <class C>
-class error_feedback {
+class error_feedback : public detail::stateful_wrapper<C> {
+  using base = detail::stateful_wrapper<C>;
+
  public:
-  using compressor_type = C;
-  using value_type = typename C::value_type;
-  using payload = typename C::payload;
-  static constexpr bool unbiased = false;
-  static constexpr bool shared_support = compressor_traits<C>::shared_support;
+  using typename base::payload;
+  using typename base::value_type;
 
   error_feedback() = default;
-  explicit error_feedback(C inner) : inner_(std::move(inner)) {}
+  explicit error_feedback(C inner) : base(std::move(inner)) {}
 
   template <class Policy>
   void compress(const Policy& policy, std::span<const value_type> gradient, payload& message,
                 rng_key key) {
-    constexpr std::string_view where = "gcomp::error_feedback::compress";
     const std::size_t n = gradient.size();
-    if (started_)
-      check_same_size(where, "gradient", n, "residual", residual_.size());
-    else
-      residual_.assign(n, value_type(0));
-    sum_.resize(n);
-    value_type* p = sum_.data();
-    const value_type* e = residual_.data();
+    this->prepare("gcomp::error_feedback::compress", "residual", n);
+    value_type* p = this->scratch_.data();  // p = e + g, swapped with e every step
+    const value_type* e = this->state_.data();
     const value_type* g = gradient.data();
     for_each_index(policy, n, [=](std::size_t i) { p[i] = e[i] + g[i]; });
-    inner_.compress(policy, std::span<const value_type>(sum_), message, key);
+    this->inner_.compress(policy, std::span<const value_type>(this->scratch_), message, key);
     // Only now is e replaced: p becomes the residual and loses what was sent.
-    std::swap(residual_, sum_);
-    started_ = true;
-    inner_.decompress_add(policy, message, std::span<value_type>(residual_), value_type(-1));
-  }
-
-  template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<value_type> out,
-                      value_type scale) const {
-    inner_.decompress_add(policy, message, out, scale);
-  }
-
-  std::size_t wire_bytes(const payload& message) const { return inner_.wire_bytes(message); }
-  double bits_per_element(std::size_t n) const {
-    return compressor_traits<C>::bits_per_element(inner_, n);
+    std::swap(this->state_, this->scratch_);
+    this->started_ = true;
+    this->inner_.decompress_add(policy, message, std::span<value_type>(this->state_),
+                                value_type(-1));
   }
 
   /// The residual e after the last compress() (empty before the first).
-  std::span<const value_type> residual() const { return residual_; }
+  std::span<const value_type> residual() const { return this->state_; }
   /// Writable residual, for methods that replace e (e.g. by its average over
   /// workers, ALGORITHMS.md section 4). Empty before the first compress().
-  std::span<value_type> residual() { return residual_; }
+  std::span<value_type> residual() { return this->state_; }
   /// Zeroes the residual (keeping its storage and size).
-  void reset() { std::fill(residual_.begin(), residual_.end(), value_type(0)); }
-
-  C& inner() { return inner_; }
-  const C& inner() const { return inner_; }
-
- private:
-  C inner_;
-  std::vector<value_type> residual_;
-  std::vector<value_type> sum_;  // p = e + g, swapped with residual_ every step
-  bool started_ = false;
+  void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
 };
 
 }  // namespace gcomp

@@ -1,0 +1,66 @@
+// stateful_wrapper<C>: the shell shared by error_feedback<C> and ef21<C>.
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "gcomp/core/concepts.hpp"
+#include "gcomp/core/error.hpp"
+
+namespace gcomp::detail {
+
+/// Base of a compressor that wraps C with one per-worker vector of state
+/// (allocated at the first compress(), sized to that gradient, and reused) and
+/// one scratch buffer of the same size. The payload is C's, so decompression,
+/// wire size and bits per element are C's; the result is always biased and has
+/// shared support exactly when C has. Derived classes supply compress() and
+/// the accessors to the state under their own names.
+template <class C>
+class stateful_wrapper {
+ public:
+  using compressor_type = C;
+  using value_type = typename C::value_type;
+  using payload = typename C::payload;
+  static constexpr bool unbiased = false;
+  static constexpr bool shared_support = compressor_traits<C>::shared_support;
+
+  /// out += scale * (what `message` carries, decoded by C).
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<value_type> out,
+                      value_type scale) const {
+    inner_.decompress_add(policy, message, out, scale);
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return inner_.wire_bytes(message); }
+  double bits_per_element(std::size_t n) const {
+    return compressor_traits<C>::bits_per_element(inner_, n);
+  }
+
+  C& inner() { return inner_; }
+  const C& inner() const { return inner_; }
+
+ protected:
+  stateful_wrapper() = default;
+  explicit stateful_wrapper(C inner) : inner_(std::move(inner)) {}
+
+  /// Before a step on a gradient of size n: the state must already have size
+  /// n (after the first step; else fails as `where` naming it `state_name`),
+  /// or is zeroed to size n; the scratch buffer gets size n.
+  void prepare(std::string_view where, std::string_view state_name, std::size_t n) {
+    if (started_)
+      check_same_size(where, "gradient", n, state_name, state_.size());
+    else
+      state_.assign(n, value_type(0));
+    scratch_.resize(n);
+  }
+
+  C inner_;
+  std::vector<value_type> state_;
+  std::vector<value_type> scratch_;
+  bool started_ = false;
+};
+
+}  // namespace gcomp::detail
