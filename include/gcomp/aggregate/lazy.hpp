@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gcomp/aggregate/allgather.hpp"
+#include "gcomp/aggregate/detail/replicated_messages.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/message.hpp"
@@ -90,7 +91,7 @@ class lazy<allgather> {
     constexpr std::string_view where = "gcomp::lazy<allgather>::aggregate";
     check_same_size(where, "global", global.size(), "local", local.size());
     using payload = typename C::payload;
-    auto& s = state_.get<state<payload>>("gcomp::lazy<allgather>::aggregate");
+    auto& s = state_.get<detail::replicated_messages<payload>>(where.data());
     const auto workers = static_cast<std::size_t>(comm.size());
     const auto me = static_cast<std::size_t>(comm.rank());
     if (started_) {
@@ -98,52 +99,24 @@ class lazy<allgather> {
               " workers but this aggregator has served a group of ", uploads_.size());
       require(global.size() == dimension_, where, "global has size ", global.size(),
               " but earlier steps had size ", dimension_, "; the stored messages are of that size");
-    } else {
-      s.stored.resize(workers);
-      s.staged.resize(workers);
-      s.counts.resize(workers);
     }
-
-    if (upload) {
-      c.compress(policy, local, s.staged[me], key);
-      encode(s.staged[me], s.bytes);
-    } else {
-      s.bytes.clear();
-    }
-    comm.allgatherv(policy, std::span<const std::byte>(s.bytes), s.gathered,
-                    std::span<std::size_t>(s.counts));
-
+    s.size_for(workers);
+    s.prepare(policy, c, local, key, me, upload);
     // Validate and decode everything before any state or global changes.
-    std::size_t offset = 0;
-    for (std::size_t r = 0; r < workers; ++r) {
-      const std::size_t count = s.counts[r];
-      require(count <= s.gathered.size() - offset, where, "rank ", r, " sent ", count,
-              " bytes but only ", s.gathered.size() - offset, " arrived");
+    s.exchange(policy, comm, global.size(), where, [&](std::size_t r, std::size_t count) {
       if (count == 0)
-        require(started_ && held_[r] != 0, where, "worker ", r,
+        require(s.held[r] != 0, where, "worker ", r,
                 " skipped its upload but has never uploaded, so there is no message to reuse");
-      else if (r != me)
-        decode(std::span<const std::byte>(s.gathered).subspan(offset, count), s.staged[r],
-               global.size());
-      offset += count;
-    }
+    });
 
     if (!started_) {
       uploads_.assign(workers, 0);
       skips_.assign(workers, 0);
-      held_.assign(workers, 0);
       dimension_ = global.size();
       started_ = true;
     }
-    for (std::size_t r = 0; r < workers; ++r) {
-      if (s.counts[r] == 0) {
-        ++skips_[r];
-        continue;
-      }
-      std::swap(s.stored[r], s.staged[r]);  // swapping keeps both buffers: no allocation
-      held_[r] = 1;
-      ++uploads_[r];
-    }
+    for (std::size_t r = 0; r < workers; ++r) ++(s.counts[r] == 0 ? skips_ : uploads_)[r];
+    s.commit();
     last_bytes_ = s.bytes.size();
 
     T* out = global.data();
@@ -164,15 +137,6 @@ class lazy<allgather> {
   const lazy_options& options() const { return options_; }
 
  private:
-  template <class P>
-  struct state {
-    std::vector<P> stored;            // last message of every worker, this worker's at its rank
-    std::vector<P> staged;            // this step's fresh messages, swapped in once all decoded
-    std::vector<std::byte> bytes;     // this worker's message, encoded (empty on a skip)
-    std::vector<std::byte> gathered;  // the uploaders' bytes, concatenated in rank order
-    std::vector<std::size_t> counts;  // bytes per rank, 0 for a skip
-  };
-
   std::size_t checked_rank(int rank) const {
     require(rank >= 0 && static_cast<std::size_t>(rank) < uploads_.size(), "gcomp::lazy<allgather>",
             "rank ", rank, " is out of range [0, ", uploads_.size(), ")");
@@ -189,7 +153,6 @@ class lazy<allgather> {
   bool started_ = false;
   std::size_t dimension_ = 0;
   std::vector<std::uint64_t> uploads_, skips_;
-  std::vector<std::uint8_t> held_;  // per worker: has it ever uploaded
   std::size_t last_bytes_ = 0;
 };
 

@@ -26,6 +26,7 @@
 #include <string_view>
 #include <vector>
 
+#include "gcomp/aggregate/detail/replicated_messages.hpp"
 #include "gcomp/compress/detail/random_sampling.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
@@ -193,39 +194,22 @@ class parameter_server {
     if (sending) check_same_size(where, "local", local.size(), "global", global.size());
     using payload = typename C::payload;
     auto& s = state_.get<state<payload, T>>(where.data());
-    if (s.stored.empty()) {
-      s.stored.resize(ranks);
-      s.staged.resize(ranks);
-      s.held.assign(ranks, 0);
-      s.counts.resize(ranks);
-      s.dimension = global.size();
-    }
+    auto& store = s.messages;
+    if (store.stored.empty()) s.dimension = global.size();
+    store.size_for(ranks);
     check_same_size(where, "global", global.size(), "the dimension of the held messages", s.dimension);
-    check_same_size(where, "comm.size()", ranks, "the ranks of the held messages", s.stored.size());
+    check_same_size(where, "comm.size()", ranks, "the ranks of the held messages", store.stored.size());
     last_bytes_ = 0;
     const bool anyone = std::any_of(due.begin(), due.end(), [](std::uint8_t d) { return d != 0; });
     if (anyone) {
-      s.bytes.clear();
-      if (sending) {
-        c.compress(policy, local, s.staged[me], key);
-        encode(s.staged[me], s.bytes);
-      }
-      comm.allgatherv(policy, std::span<const std::byte>(s.bytes), s.gathered,
-                      std::span<std::size_t>(s.counts));
-      last_bytes_ = s.bytes.size();
+      store.prepare(policy, c, local, key, me, sending);
       // Decode every new message before anything is stored.
-      std::size_t offset = 0;
-      for (std::size_t r = 0; r < ranks; ++r) {
-        require(s.counts[r] <= s.gathered.size() - offset, where, "rank ", r, " sent ", s.counts[r],
-                " bytes but only ", s.gathered.size() - offset, " arrived");
-        require((s.counts[r] != 0) == (due[r] != 0), where, "rank ", r, " sent ", s.counts[r],
+      store.exchange(policy, comm, global.size(), where, [&](std::size_t r, std::size_t count) {
+        require((count != 0) == (due[r] != 0), where, "rank ", r, " sent ", count,
                 " bytes but is marked ", due[r] != 0 ? "due" : "idle",
                 " at this step; every worker must pass the same due mask");
-        if (due[r] != 0 && r != me)
-          decode(std::span<const std::byte>(s.gathered).subspan(offset, s.counts[r]), s.staged[r],
-                 global.size());
-        offset += s.counts[r];
-      }
+      });
+      last_bytes_ = store.bytes.size();
     }
     // The sum goes to scratch first: a message that does not fit this
     // compressor throws in decompress_add before anything is stored or written.
@@ -233,16 +217,11 @@ class parameter_server {
     const std::span<T> sum(s.sum);
     for (std::size_t r = 0; r < ranks; ++r) {
       if (anyone && due[r] != 0)
-        c.decompress_add(policy, s.staged[r], sum, T(1));
-      else if (s.held[r] != 0)
-        c.decompress_add(policy, s.stored[r], sum, T(1));
+        c.decompress_add(policy, store.staged[r], sum, T(1));
+      else if (store.held[r] != 0)
+        c.decompress_add(policy, store.stored[r], sum, T(1));
     }
-    if (anyone)
-      for (std::size_t r = 0; r < ranks; ++r)
-        if (due[r] != 0) {
-          std::swap(s.stored[r], s.staged[r]);
-          s.held[r] = 1;
-        }
+    if (anyone) store.commit();
     const T* in = s.sum.data();
     T* out = global.data();
     for_each_index(policy, global.size(), [=](std::size_t i) { out[i] = in[i]; });
@@ -254,13 +233,8 @@ class parameter_server {
  private:
   template <class P, class T>
   struct state {
-    std::vector<P> stored;              // q_r, the last message of every rank
-    std::vector<P> staged;              // new messages before they are known to be valid
-    std::vector<std::uint8_t> held;     // whether rank r has sent yet
-    std::vector<std::byte> bytes;       // this worker's message, encoded
-    std::vector<std::byte> gathered;    // the due ranks' messages, in rank order
-    std::vector<std::size_t> counts;    // bytes per rank
-    std::vector<T> sum;                 // sum of the q_r before it reaches global
+    detail::replicated_messages<P> messages;  // q_r, the last message of every rank
+    std::vector<T> sum;                       // sum of the q_r before it reaches global
     std::size_t dimension = 0;
   };
 
