@@ -13,6 +13,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -56,32 +57,22 @@ namespace detail {
 /// a policy that memory serves (reset() to change). The per-layer step counts
 /// feed the host's bias corrections and stay in host memory.
 template <class T, class Options, bool decoupled>
-class adam_base {
+class adam_base : public optimizer_base<Options> {
+  using base = optimizer_base<Options>;
+
  public:
   using value_type = T;
 
-  explicit adam_base(Options o) : options_(o) {
+  explicit adam_base(Options o)
+      : base(o, name(), decoupled ? "gcomp::adamw::set_lr" : "gcomp::adam::set_lr") {
     const std::string_view where = name();
-    check_non_negative(where, "lr", o.lr);
     check_in_half_open(where, "beta1", o.beta1, 0.0, 1.0);
     check_in_half_open(where, "beta2", o.beta2, 0.0, 1.0);
     check_positive(where, "eps", o.eps);
     check_non_negative(where, "weight_decay", o.weight_decay);
-    schedule_ = lr_schedule::constant(o.lr);
   }
-  adam_base(Options o, lr_schedule schedule) : adam_base(o) { schedule_ = schedule; }
+  adam_base(Options o, lr_schedule schedule) : adam_base(o) { this->set_schedule(schedule); }
 
-  const Options& options() const { return options_; }
-  /// Changes the learning rate for the next steps to a constant.
-  void set_lr(double lr) {
-    check_non_negative(decoupled ? "gcomp::adamw::set_lr" : "gcomp::adam::set_lr", "lr", lr);
-    options_.lr = lr;
-    schedule_ = lr_schedule::constant(lr);
-  }
-  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
-  const lr_schedule& schedule() const { return schedule_; }
-  /// Completed step() calls: the schedule's index for the next step.
-  std::uint64_t steps() const { return steps_; }
   /// Active steps layer d has taken: its bias-correction exponent.
   std::uint64_t layer_steps(std::size_t d) const {
     return d < layer_steps_.size() ? layer_steps_[d] : 0;
@@ -92,25 +83,18 @@ class adam_base {
     exp_avg_sq_.clear();
     max_exp_avg_sq_.clear();
     layer_steps_.clear();
-    steps_ = 0;
+    this->reset_steps();
   }
 
   template <class Policy>
   void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
             layer_mask active = {}) {
     const std::string_view where = decoupled ? "gcomp::adamw::step" : "gcomp::adam::step";
-    lay.check_buffer(where, "params", params.size());
-    check_same_size(where, "grads", grads.size(), "params", params.size());
+    base::check_step_args(where, lay, params.size(), grads.size(), active);
     const std::size_t layers = lay.num_layers();
-    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
-    if (!layer_steps_.empty()) {
-      check_same_size(where, "params", params.size(),
-                      "the moments built at the first step (call reset() first)", exp_avg_.size());
-      check_same_size(where, "layout layers", layers,
-                      "the layers the moments were built for (call reset() first)",
-                      layer_steps_.size());
-      exp_avg_.check_serves(policy, where, "the moments");
-    }
+    if (!layer_steps_.empty())
+      base::check_same_model(policy, where, params.size(), layers, exp_avg_.size(),
+                             layer_steps_.size(), exp_avg_, moments_names);
     if (layer_steps_.empty()) {  // first step: the state is allocated here, once
       exp_avg_.assign(policy, params.size(), T(0), where);
       exp_avg_sq_.assign(policy, params.size(), T(0), where);
@@ -118,7 +102,7 @@ class adam_base {
       layer_steps_.assign(layers, 0);
     }
 
-    const double lr = schedule_(steps_);
+    const double lr = this->current_lr();
     const T b1 = static_cast<T>(options_.beta1);
     const T b2 = static_cast<T>(options_.beta2);
     const T one_minus_b1 = static_cast<T>(1.0 - options_.beta1);
@@ -156,7 +140,7 @@ class adam_base {
         x[i] = xi + neg_step_size * mi / denom;  // torch's addcdiv order
       });
     }
-    ++steps_;
+    this->finish_step();
   }
 
   /// m, v and (amsgrad) max v: empty until the first step. They are in the
@@ -169,9 +153,8 @@ class adam_base {
  private:
   static constexpr std::string_view name() { return decoupled ? "gcomp::adamw" : "gcomp::adam"; }
 
-  Options options_;
-  lr_schedule schedule_ = lr_schedule::constant(0.0);
-  std::uint64_t steps_ = 0;
+  using base::options_;
+
   policy_buffer<T> exp_avg_;
   policy_buffer<T> exp_avg_sq_;
   policy_buffer<T> max_exp_avg_sq_;

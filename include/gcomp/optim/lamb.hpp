@@ -17,6 +17,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
 
@@ -71,13 +72,14 @@ struct lamb_direction {
 /// policy that memory serves (reset() to change). The per-layer step counts
 /// and ratios are host values.
 template <class T = float>
-class lamb {
+class lamb : public detail::optimizer_base<lamb_options> {
  public:
   using value_type = T;
 
-  explicit lamb(lamb_options options = {}) : options_(std::move(options)) {
+  explicit lamb(lamb_options options = {})
+      : detail::optimizer_base<lamb_options>(std::move(options), "gcomp::lamb",
+                                             "gcomp::lamb::set_lr") {
     constexpr std::string_view where = "gcomp::lamb";
-    check_non_negative(where, "lr", options_.lr);
     check_in_half_open(where, "beta1", options_.beta1, 0.0, 1.0);
     check_in_half_open(where, "beta2", options_.beta2, 0.0, 1.0);
     check_positive(where, "eps", options_.eps);
@@ -86,22 +88,12 @@ class lamb {
     require(options_.max_trust > 0 && options_.max_trust >= options_.min_trust, where,
             "max_trust must be > 0 and >= min_trust (", options_.min_trust, "), got ",
             options_.max_trust);
-    schedule_ = lr_schedule::constant(options_.lr);
   }
   /// The learning rate follows `schedule` (options.lr is ignored).
   lamb(lamb_options options, lr_schedule schedule) : lamb(std::move(options)) {
-    schedule_ = schedule;
+    set_schedule(schedule);
   }
 
-  const lamb_options& options() const { return options_; }
-  void set_lr(double lr) {
-    check_non_negative("gcomp::lamb::set_lr", "lr", lr);
-    options_.lr = lr;
-    schedule_ = lr_schedule::constant(lr);
-  }
-  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
-  const lr_schedule& schedule() const { return schedule_; }
-  std::uint64_t steps() const { return steps_; }
   /// Active steps layer d has taken: its bias-correction exponent.
   std::uint64_t layer_steps(std::size_t d) const {
     return d < layer_steps_.size() ? layer_steps_[d] : 0;
@@ -111,25 +103,18 @@ class lamb {
     exp_avg_sq_.clear();
     layer_steps_.clear();
     ratios_.clear();
-    steps_ = 0;
+    reset_steps();
   }
 
   template <class Policy>
   void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
             layer_mask active = {}) {
     constexpr std::string_view where = "gcomp::lamb::step";
-    lay.check_buffer(where, "params", params.size());
-    check_same_size(where, "grads", grads.size(), "params", params.size());
+    check_step_args(where, lay, params.size(), grads.size(), active);
     const std::size_t layers = lay.num_layers();
-    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
-    if (!layer_steps_.empty()) {
-      check_same_size(where, "params", params.size(),
-                      "the moments built at the first step (call reset() first)", exp_avg_.size());
-      check_same_size(where, "layout layers", layers,
-                      "the layers the moments were built for (call reset() first)",
-                      layer_steps_.size());
-      exp_avg_.check_serves(policy, where, "the moments");
-    }
+    if (!layer_steps_.empty())
+      check_same_model(policy, where, params.size(), layers, exp_avg_.size(), layer_steps_.size(),
+                       exp_avg_, detail::moments_names);
     if (layer_steps_.empty()) {  // first step: the state is allocated here, once
       exp_avg_.assign(policy, params.size(), T(0), where);
       exp_avg_sq_.assign(policy, params.size(), T(0), where);
@@ -137,7 +122,7 @@ class lamb {
       ratios_.assign(layers, 1.0);
     }
 
-    const double lr = schedule_(steps_);
+    const double lr = current_lr();
     for (std::size_t d = 0; d < layers; ++d) {
       if (!active.empty() && active[d] == 0) continue;
       const bool excluded = options_.exclude && options_.exclude(lay[d]);
@@ -181,7 +166,7 @@ class lamb {
         x[i] = x[i] + neg_scale * u;
       });
     }
-    ++steps_;
+    finish_step();
   }
 
   /// m and v: empty until the first step, then in the memory of its policy
@@ -197,9 +182,6 @@ class lamb {
   using add_sums = detail::add_sums_of_squares<T>;
   using acc = typename sums::acc;
 
-  lamb_options options_;
-  lr_schedule schedule_ = lr_schedule::constant(0.0);
-  std::uint64_t steps_ = 0;
   policy_buffer<T> exp_avg_;
   policy_buffer<T> exp_avg_sq_;
   std::vector<std::uint64_t> layer_steps_;

@@ -15,6 +15,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
 
@@ -50,56 +51,42 @@ struct lars_options {
 /// host values (reduce_per_layer returns host memory under every policy, and
 /// the host loop turns them into each layer's scale).
 template <class T = float>
-class lars {
+class lars : public detail::optimizer_base<lars_options> {
  public:
   using value_type = T;
 
-  explicit lars(lars_options options = {}) : options_(std::move(options)) {
+  explicit lars(lars_options options = {})
+      : detail::optimizer_base<lars_options>(std::move(options), "gcomp::lars",
+                                             "gcomp::lars::set_lr") {
     constexpr std::string_view where = "gcomp::lars";
-    check_non_negative(where, "lr", options_.lr);
     check_in_half_open(where, "momentum", options_.momentum, 0.0, 1.0);
     check_non_negative(where, "weight_decay", options_.weight_decay);
     check_positive(where, "trust_coefficient", options_.trust_coefficient);
-    schedule_ = lr_schedule::constant(options_.lr);
   }
   /// The rate gamma_t follows `schedule` (options.lr is ignored).
   lars(lars_options options, lr_schedule schedule) : lars(std::move(options)) {
-    schedule_ = schedule;
+    set_schedule(schedule);
   }
 
-  const lars_options& options() const { return options_; }
-  /// Changes gamma for the next steps to a constant.
-  void set_lr(double lr) {
-    check_non_negative("gcomp::lars::set_lr", "lr", lr);
-    options_.lr = lr;
-    schedule_ = lr_schedule::constant(lr);
-  }
-  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
-  const lr_schedule& schedule() const { return schedule_; }
-  std::uint64_t steps() const { return steps_; }
   /// Forgets the momentum and the step count.
   void reset() {
     momentum_.clear();
     norms_.clear();
     ratios_.clear();
-    steps_ = 0;
+    reset_steps();
   }
 
   template <class Policy>
   void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
             layer_mask active = {}) {
     constexpr std::string_view where = "gcomp::lars::step";
-    lay.check_buffer(where, "params", params.size());
-    check_same_size(where, "grads", grads.size(), "params", params.size());
+    check_step_args(where, lay, params.size(), grads.size(), active);
     const std::size_t layers = lay.num_layers();
-    if (!active.empty()) check_same_size(where, "active", active.size(), "layout layers", layers);
-    if (!ratios_.empty()) {
-      check_same_size(where, "params", params.size(),
-                      "the state built at the first step (call reset() first)", state_size_);
-      check_same_size(where, "layout layers", layers,
-                      "the layers the state was built for (call reset() first)", ratios_.size());
-      momentum_.check_serves(policy, where, "the momentum buffer");
-    }
+    if (!ratios_.empty())
+      check_same_model(policy, where, params.size(), layers, state_size_, ratios_.size(), momentum_,
+                       {"the state built at the first step (call reset() first)",
+                        "the layers the state was built for (call reset() first)",
+                        "the momentum buffer"});
     const bool use_momentum = options_.momentum != 0.0;
     if (ratios_.empty()) {  // first step: every buffer is allocated here, once
       if (use_momentum) momentum_.assign(policy, params.size(), T(0), where);
@@ -128,7 +115,7 @@ class lars {
       }
     }
 
-    const double gamma = schedule_(steps_);
+    const double gamma = current_lr();
     const T mu = static_cast<T>(options_.momentum);
     for (std::size_t d = 0; d < layers; ++d) {
       if (!active.empty() && active[d] == 0) continue;
@@ -157,7 +144,7 @@ class lars {
         x[i] = x[i] - vi;
       });
     }
-    ++steps_;
+    finish_step();
   }
 
   /// v (empty until the first step, and always with momentum == 0), in the
@@ -172,9 +159,6 @@ class lars {
   using add_sums = detail::add_sums_of_squares<T>;
   using acc = typename sums::acc;
 
-  lars_options options_;
-  lr_schedule schedule_ = lr_schedule::constant(0.0);
-  std::uint64_t steps_ = 0;
   std::size_t state_size_ = 0;
   policy_buffer<T> momentum_;
   std::vector<sums> norms_;

@@ -12,6 +12,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/schedule.hpp"
 
 namespace gcomp {
@@ -40,12 +41,12 @@ struct sgd_options {
 /// change). The per-layer "started" flags are read by the host loop and stay
 /// in host memory.
 template <class T = float>
-class sgd {
+class sgd : public detail::optimizer_base<sgd_options> {
  public:
   using value_type = T;
 
   explicit sgd(sgd_options options = {})
-      : options_(options), schedule_(lr_schedule::constant(checked_lr(options.lr))) {
+      : detail::optimizer_base<sgd_options>(options, "gcomp::sgd", "gcomp::sgd::set_lr") {
     constexpr std::string_view where = "gcomp::sgd";
     check_in_half_open(where, "momentum", options.momentum, 0.0, 1.0);
     check_in_range(where, "dampening", options.dampening, 0.0, 1.0);
@@ -55,50 +56,32 @@ class sgd {
             " and dampening ", options.dampening);
   }
   /// The learning rate follows `schedule` (options.lr is ignored).
-  sgd(sgd_options options, lr_schedule schedule) : sgd(options) { schedule_ = schedule; }
+  sgd(sgd_options options, lr_schedule schedule) : sgd(options) { set_schedule(schedule); }
 
-  const sgd_options& options() const { return options_; }
-  /// Changes the learning rate for the next steps to a constant.
-  void set_lr(double lr) {
-    check_non_negative("gcomp::sgd::set_lr", "lr", lr);
-    options_.lr = lr;
-    schedule_ = lr_schedule::constant(lr);
-  }
-  /// The learning rate of step t is schedule(t), t counting from this optimizer's first step.
-  void set_schedule(lr_schedule schedule) { schedule_ = schedule; }
-  const lr_schedule& schedule() const { return schedule_; }
-  /// Completed step() calls: the schedule's index for the next step.
-  std::uint64_t steps() const { return steps_; }
   /// Forgets the momentum and the step count (e.g. to train another model).
   void reset() {
     momentum_.clear();
     started_.clear();
-    steps_ = 0;
+    reset_steps();
   }
 
   template <class Policy>
   void step(const Policy& policy, const layout& lay, std::span<T> params, std::span<const T> grads,
             layer_mask active = {}) {
     constexpr std::string_view where = "gcomp::sgd::step";
-    lay.check_buffer(where, "params", params.size());
-    check_same_size(where, "grads", grads.size(), "params", params.size());
-    if (!active.empty())
-      check_same_size(where, "active", active.size(), "layout layers", lay.num_layers());
+    check_step_args(where, lay, params.size(), grads.size(), active);
     const bool use_momentum = options_.momentum != 0.0;
-    if (use_momentum && !momentum_.empty()) {
-      // The momentum belongs to one model; a different one is a caller's bug, not a fresh start.
-      check_same_size(where, "params", params.size(), "the momentum buffer (call reset() first)",
-                      momentum_.size());
-      check_same_size(where, "layout layers", lay.num_layers(),
-                      "the layers the momentum was built for (call reset() first)",
-                      started_.size());
-      momentum_.check_serves(policy, where, "the momentum buffer");
-    }
+    if (use_momentum && !momentum_.empty())
+      check_same_model(policy, where, params.size(), lay.num_layers(), momentum_.size(),
+                       started_.size(), momentum_,
+                       {"the momentum buffer (call reset() first)",
+                        "the layers the momentum was built for (call reset() first)",
+                        "the momentum buffer"});
     if (use_momentum && momentum_.empty()) {
       momentum_.assign(policy, params.size(), T(0), where);
       started_.assign(lay.num_layers(), 0);
     }
-    const T lr = static_cast<T>(schedule_(steps_));
+    const T lr = static_cast<T>(current_lr());
     const T mu = static_cast<T>(options_.momentum);
     const T keep = static_cast<T>(1.0 - options_.dampening);
     const T wd = static_cast<T>(options_.weight_decay);
@@ -123,7 +106,7 @@ class sgd {
         x[i] = x[i] - lr * (nesterov ? step + mu * buf : buf);
       });
     }
-    ++steps_;
+    finish_step();
   }
 
   /// The momentum buffer (empty until the first step with momentum), in the
@@ -132,14 +115,6 @@ class sgd {
   std::span<const T> momentum_buffer() const { return momentum_.span(); }
 
  private:
-  static double checked_lr(double lr) {
-    check_non_negative("gcomp::sgd", "lr", lr);
-    return lr;
-  }
-
-  sgd_options options_;
-  lr_schedule schedule_;
-  std::uint64_t steps_ = 0;
   policy_buffer<T> momentum_;
   std::vector<std::uint8_t> started_;  // per layer: has it taken a step yet
 };
