@@ -10,6 +10,7 @@
 #include <span>
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "gcomp/core/error.hpp"
@@ -210,31 +211,32 @@ void fused_sums_and_bits(const Policy& policy, const T* g, std::size_t n, std::u
   }
 }
 
-/// Clears bits [begin, end) of a 1-bit stream.
-inline void clear_bits(std::uint64_t* words, std::size_t begin, std::size_t end) {
+/// Calls f(w, mask) for every word w of a 1-bit stream that bits [begin, end)
+/// touch, mask selecting the bits of the range within that word.
+template <class F>
+inline void for_each_word_mask(std::size_t begin, std::size_t end, F&& f) {
   while (begin < end) {
     const std::size_t w = begin / 64;
     const unsigned lo = static_cast<unsigned>(begin % 64);
     const std::size_t stop = std::min(end, (w + 1) * 64);
     const unsigned len = static_cast<unsigned>(stop - begin);
     const std::uint64_t mask = len == 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << len) - 1) << lo;
-    words[w] &= ~mask;
+    f(w, mask);
     begin = stop;
   }
+}
+
+/// Clears bits [begin, end) of a 1-bit stream.
+inline void clear_bits(std::uint64_t* words, std::size_t begin, std::size_t end) {
+  for_each_word_mask(begin, end, [=](std::size_t w, std::uint64_t mask) { words[w] &= ~mask; });
 }
 
 /// Number of set bits in [begin, end) of a 1-bit stream.
 inline std::size_t count_bits(const std::uint64_t* words, std::size_t begin, std::size_t end) {
   std::size_t count = 0;
-  while (begin < end) {
-    const std::size_t w = begin / 64;
-    const unsigned lo = static_cast<unsigned>(begin % 64);
-    const std::size_t stop = std::min(end, (w + 1) * 64);
-    const unsigned len = static_cast<unsigned>(stop - begin);
-    const std::uint64_t mask = len == 64 ? ~std::uint64_t(0) : ((std::uint64_t(1) << len) - 1) << lo;
+  for_each_word_mask(begin, end, [&](std::size_t w, std::uint64_t mask) {
     count += static_cast<std::size_t>(std::popcount(words[w] & mask));
-    begin = stop;
-  }
+  });
   return count;
 }
 
@@ -274,5 +276,145 @@ void check_one_bit_payload(std::string_view where, const quantized_payload<T>& m
       if (quantized::read_code(m.words.data(), i, 1) != 0)
         fail(where, "message bit ", i, " is set but element ", i, " lies in a gap of the layout");
 }
+
+/// The class shell shared by gcomp::sign and gcomp::onebit (CRTP): one bit
+/// per element (bit i = g_i >= 0) plus Derived::scales_per_group scales (T)
+/// per group, a group being the whole buffer or, when constructed with a
+/// layout, each layer. Holds the layout and its gaps, the staging words, the
+/// payload typedefs and traits, wire_bytes / bits_per_element and the group
+/// accessors; the derived class supplies compress and decompress_add (its
+/// formula) from the protected helpers. Derived must provide
+/// scales_per_group and bits_per_element_where (the name in error messages).
+template <class Derived, class T>
+class one_bit_compressor {
+ public:
+  using value_type = T;
+  using payload = quantized_payload<T>;
+  static constexpr bool unbiased = false;
+  static constexpr bool shared_support = false;
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Exact: 8 (24 + 17 + scales_per_group sizeof(T) groups + ceil(n / 8)) / n.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t groups = per_layer_ ? groups_for(Derived::bits_per_element_where, n).count() : 1;
+    const std::size_t bytes = wire::header_bytes + 17 + Derived::scales_per_group * groups * sizeof(T) +
+                              wire::packed_bytes(n, 1);
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  /// Scale groups: 1, or the layout's layers.
+  std::size_t groups() const { return per_layer_ ? layout_.num_layers() : 1; }
+  bool per_layer() const { return per_layer_; }
+  const layout& layers() const { return layout_; }
+
+ protected:
+  using gap_list = std::vector<std::pair<std::size_t, std::size_t>>;
+
+  one_bit_compressor() = default;
+  explicit one_bit_compressor(layout lay)
+      : layout_(std::move(lay)), per_layer_(true), gaps_(layout_gaps(layout_)) {}
+
+  /// The groups for an n-element buffer `name`; checks n against the layout.
+  sign_groups groups_for(std::string_view where, std::size_t n,
+                         std::string_view name = "gradient") const {
+    if (per_layer_) layout_.check_buffer(where, name, n);
+    return sign_groups{per_layer_ ? &layout_ : nullptr, n};
+  }
+
+  using acc = sign_accumulator<T>;
+
+  /// The compress skeleton. For s < Sums and every group d, sum_s(d) = the
+  /// sum over i in d of term(s, g_i) (type acc, the fixed reduction order):
+  /// one read pass with the bits for the whole buffer (fused_sums_and_bits),
+  /// else per-layer reductions and then the packing. A non-finite sum throws
+  /// naming the group's first non-finite element, else (prefix, d, suffix),
+  /// before the message is touched. Then the message gets bits 1, bucket 0,
+  /// the bits, and for each group the scales_per_group scales that
+  /// scales(begin, size, sum, out) writes to out from sum[s] = sum_s(d);
+  /// the bits are in staged_ during that call.
+  template <std::size_t Sums, class Policy, class Term, class Scales>
+  void compress_groups(const Policy& policy, std::span<const T> gradient, payload& message,
+                       std::string_view where, std::string_view prefix, std::string_view suffix,
+                       Term term, Scales scales) {
+    const std::size_t n = gradient.size();
+    const sign_groups groups = groups_for(where, n);
+    const std::size_t count = groups.count();
+    const T* g = gradient.data();
+    sums_.resize(Sums * count);  // sums_[s * count + d]
+    staged_.resize(quantized::word_count(n, 1));
+    if (!per_layer_) {
+      fused_sums_and_bits<Sums, acc>(policy, g, n, staged_.data(), sums_.data(), term);
+    } else {
+      [&]<std::size_t... S>(std::index_sequence<S...>) {
+        (reduce_groups(policy, groups, std::span<acc>(sums_.data() + S * count, count), acc(0),
+                       [](acc a, acc b) { return a + b; },
+                       [=](std::size_t i) { return term(S, g[i]); }),
+         ...);
+      }(std::make_index_sequence<Sums>{});
+    }
+    for (std::size_t d = 0; d < count; ++d)
+      for (std::size_t s = 0; s < Sums; ++s)
+        if (!std::isfinite(sums_[s * count + d])) {
+          throw_first_non_finite(where, g, groups.offset(d), groups.offset(d) + groups.size(d));
+          fail(where, prefix, d, suffix);
+        }
+    // Nothing can fail from here on.
+    if (per_layer_) pack_bits_of(policy, n, g, staged_.data());
+    message.dimension = n;
+    message.bits = 1;
+    message.bucket = 0;
+    message.scales.resize(Derived::scales_per_group * count);
+    for (std::size_t d = 0; d < count; ++d) {
+      acc sum[Sums];
+      for (std::size_t s = 0; s < Sums; ++s) sum[s] = sums_[s * count + d];
+      scales(groups.offset(d), groups.size(d), static_cast<const acc*>(sum),
+             message.scales.data() + Derived::scales_per_group * d);
+    }
+    message.words.swap(staged_);
+  }
+
+  /// words[w] for w < word_count(n, 1) with bit i = (g[i] >= 0), gaps cleared.
+  template <class Policy>
+  void pack_bits_of(const Policy& policy, std::size_t n, const T* g, std::uint64_t* words) const {
+    pack_ge_zero(policy, n, g, words);
+    for (const auto& [b, e] : gaps_) clear_bits(words, b, e);
+  }
+
+  /// The groups of an n-element out, once message has passed
+  /// check_one_bit_payload with scales_per_group scales per group.
+  sign_groups checked_groups(std::string_view where, const payload& message, std::size_t n) const {
+    const sign_groups groups = groups_for(where, n, "out");
+    check_one_bit_payload(where, message, n, Derived::scales_per_group * groups.count(), gaps_);
+    return groups;
+  }
+
+  /// out[i] += bit_i ? up : down for i in group d, where {up, down} = levels(d);
+  /// gap elements are left alone.
+  template <class Policy, class Levels>
+  static void add_levels(const Policy& policy, const sign_groups& groups, const payload& message,
+                         std::span<T> out, Levels levels) {
+    const std::uint64_t* words = message.words.data();
+    T* o = out.data();
+    for (std::size_t d = 0; d < groups.count(); ++d) {
+      const std::pair<T, T> level = levels(d);
+      const T up = level.first;
+      const T down = level.second;
+      const std::size_t offset = groups.offset(d);
+      for_each_index(policy, groups.size(d), [=](std::size_t k) {
+        const std::size_t i = offset + k;
+        const bool bit = (words[i / 64] >> (i % 64)) & 1u;
+        o[i] += bit ? up : down;
+      });
+    }
+  }
+
+  layout layout_;
+  bool per_layer_ = false;
+  gap_list gaps_;
+  std::vector<acc> sums_;              // per sum and group, reused
+  std::vector<std::uint64_t> staged_;  // the bits before they reach the message
+};
 
 }  // namespace gcomp::detail::sign_impl
