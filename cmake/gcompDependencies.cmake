@@ -71,6 +71,9 @@ if(GCOMP_WITH_CUDA AND GCOMP_NCCL_INCLUDE_DIR AND GCOMP_NCCL_LIBRARY)
 endif()
 gcomp_option(GCOMP_WITH_NCCL "Build the NCCL adapter's tests" GCOMP_NCCL_FOUND)
 
+# zlib (zlib1g-dev): the Fashion-MNIST example reads the data set's gzip'd IDX files.
+find_package(ZLIB QUIET)
+
 # LibTorch from Debian's libtorch-dev (oracles for optimizer tests, the trainer).
 find_package(Torch CONFIG QUIET)
 gcomp_option(GCOMP_WITH_TORCH "Build the LibTorch-based tests and examples" Torch_FOUND)
