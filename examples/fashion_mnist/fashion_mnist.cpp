@@ -378,6 +378,7 @@ run_result train_worker(const shared_setup& s, Inner& inner, side_channel& chann
   double backward_s = 0, compute_s = 0, eval_s = 0;
   counters mine;
   double last_loss_sum = 0, last_loss_count = 0, accuracy = -1;
+  double shown_loss_sum = 0, shown_loss_count = 0;
   torch::Tensor bx, by;
   std::vector<float> saved_params(model.size()), saved_grads(model.size());
 
@@ -430,16 +431,19 @@ run_result train_worker(const shared_setup& s, Inner& inner, side_channel& chann
 
     const bool eval = step % eval_every == 0 || step == total_steps;
     if (!eval) {
-      if (bar && (step % 8 == 0))
-        bar->update({(step - 1) / steps_per_epoch + 1, o.epochs, in_epoch + 1,
-                     steps_per_epoch, mine.loss_count > 0 ? mine.loss_sum / mine.loss_count : 0.0,
-                     accuracy, double(comm.stats().bytes_sent) * workers / 1e6, seconds_since(start)});
+      if (bar && (step % 8 == 0))  // this worker's loss and bytes between evaluations
+        bar->update({(step - 1) / steps_per_epoch + 1, o.epochs, in_epoch + 1, steps_per_epoch,
+                     (mine.loss_sum - shown_loss_sum) / std::max(1.0, mine.loss_count - shown_loss_count),
+                     accuracy, double(comm.stats().bytes_sent) * workers / 1e6,
+                     seconds_since(start) - eval_s});
       continue;
     }
     mine.bytes_sent = double(comm.stats().bytes_sent);
     mine.foreground_bytes = double(method->foreground_bytes(comm.stats().bytes_sent));
     mine.uploads = double(method->uploads());
     const counters all = channel.sum(mine);
+    shown_loss_sum = mine.loss_sum;
+    shown_loss_count = mine.loss_count;
     if (rank != 0) continue;
     const auto t_eval = clock_type::now();
     accuracy = test_accuracy(model, d);
