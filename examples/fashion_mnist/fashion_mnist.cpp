@@ -258,11 +258,11 @@ class side_channel {
 };
 
 // Threads: each worker writes its slot; two barriers keep a slot from being
-// overwritten before everyone has read it.
-class inproc_side_channel final : public side_channel {
+// overwritten before everyone has read it. Workers reach it through
+// inproc_rank_channel, which knows their rank.
+class inproc_side_channel {
  public:
   explicit inproc_side_channel(int workers) : slots_(std::size_t(workers)), sync_(workers) {}
-  counters sum(const counters& mine) override { return sum_at(0, mine); }
   counters sum_at(int rank, const counters& mine) {
     slots_[std::size_t(rank)] = mine.pack();
     sync_.arrive_and_wait();
@@ -383,12 +383,10 @@ run_result train_worker(const shared_setup& s, Inner& inner, side_channel& chann
   std::vector<float> saved_params(model.size()), saved_grads(model.size());
 
   auto forward_backward = [&]() {
-    const auto t0 = clock_type::now();
     const auto loss = torch::nn::functional::cross_entropy(model.forward(bx), by);
-    const auto t1 = clock_type::now();
+    const auto t_backward = clock_type::now();
     model.backward(loss);
-    backward_s += seconds_since(t1);
-    (void)t0;
+    backward_s += seconds_since(t_backward);
     mine.loss_sum += loss.item<double>();
     mine.loss_count += 1;
   };
@@ -414,7 +412,7 @@ run_result train_worker(const shared_setup& s, Inner& inner, side_channel& chann
     const auto t_step = clock_type::now();
     const double comm_before = comm.measured_comm_seconds();
 
-    const std::vector<std::size_t> method_rows = method->rows();
+    const std::span<const std::size_t> method_rows = method->rows();
     if (method_rows.empty())
       std::copy_n(order.begin() + std::ptrdiff_t(in_epoch * cfg.batch), cfg.batch, rows.begin());
     else

@@ -68,14 +68,14 @@ inline double default_lr(std::string_view method) {
 /// gradient_at(at, out). SASG's and LAG's rule and the stale server use it.
 using gradient_fn = std::function<void(std::span<const float> at, std::span<float> out)>;
 
-/// One worker's side of a method. The loop per step: rows() (an empty vector
+/// One worker's side of a method. The loop per step: rows() (an empty span
 /// means the trainer's own sampler), begin_step() (a mask over the module
 /// layers, empty = all), a backward pass if wants_gradient(), then step().
 template <class Comm>
 class method {
  public:
   virtual ~method() = default;
-  virtual std::vector<std::size_t> rows() { return {}; }
+  virtual std::span<const std::size_t> rows() { return {}; }
   virtual gcomp::layer_mask begin_step() { return {}; }
   virtual bool wants_gradient() const { return true; }
   virtual void step(Comm& comm, std::span<float> params, std::span<const float> grads,
@@ -149,10 +149,7 @@ template <class Comm>
 class ri_sgd_method final : public method<Comm> {
  public:
   ri_sgd_method(gcomp::ri_sgd<float> ri, gcomp::layout lay) : ri_(std::move(ri)), lay_(std::move(lay)) {}
-  std::vector<std::size_t> rows() override {
-    const auto r = ri_.batch();
-    return {r.begin(), r.end()};
-  }
+  std::span<const std::size_t> rows() override { return ri_.batch(); }
   void step(Comm& comm, std::span<float> params, std::span<const float> grads,
             const gradient_fn&) override {
     ri_.step(seq, comm, lay_, params, grads);

@@ -26,13 +26,13 @@ N = sum(SIZES)
 HEADER = 24  # wire header (docs/wire.md)
 
 
-def round_half_even_free(x):
-    # gcomp rounds ratio * n to nearest, halves away from zero (std::llround)
+def round_nearest(x):
+    # gcomp rounds ratio * n to nearest, halves up (std::llround on positives)
     return int(math.floor(x + 0.5))
 
 
 def kept(ratio):
-    return sum(max(1, round_half_even_free(ratio * n)) for n in SIZES)
+    return sum(max(1, round_nearest(ratio * n)) for n in SIZES)
 
 
 def topk_message(ratio):  # header + 8-byte count + (uint32 index, float value) per kept element
@@ -106,7 +106,7 @@ def check(method, s):
         expect("uploads", 0 < uploads <= all_uploads, f"{uploads} not in (0, {all_uploads}]")
         expect("bytes", bytes_sent == uploads * per, f"{bytes_sent} != {uploads} x {per}")
     elif method == "divcomm-adam":  # foreground: a shared block of round(n / 64) floats
-        per = round_half_even_free(N / 64) * 4
+        per = round_nearest(N / 64) * 4
         expect("foreground bytes", fg == all_uploads * per, f"{fg} != {all_uploads} x {per}")
         expect("uploads", uploads == all_uploads, f"{uploads} != {all_uploads}")
     else:
