@@ -1,6 +1,7 @@
 // Umbrella header: every host-side part of gcomp (CUDA, MPI and NCCL parts have their own headers).
 #pragma once
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -8,6 +9,7 @@
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/lowrank_payload.hpp"
 #include "gcomp/core/message.hpp"
+#include "gcomp/core/nonfinite.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/sparse_payload.hpp"

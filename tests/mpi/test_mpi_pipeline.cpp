@@ -55,8 +55,10 @@ TEST_CASE("mpi: rank-ordered all-reduce reproduces the in-process trajectory bit
   for (int t = 1; t <= steps; ++t)
     differing_steps += run.x[static_cast<std::size_t>(t)] != expected[static_cast<std::size_t>(t)];
   CHECK(differing_steps == 0);  // bitwise: the same sums in the same order
-  // One all-reduce of 20 doubles per step, under the accounting rule.
-  CHECK(comm.stats() == gcomp::comm_stats{steps * dims * 8, steps * dims * 8, steps});
+  // Per step, under the accounting rule: the non-finite check's all-reduce of
+  // one double (core/nonfinite.hpp), then the all-reduce of 20 doubles.
+  CHECK(comm.stats() ==
+        gcomp::comm_stats{steps * (dims + 1) * 8, steps * (dims + 1) * 8, 2 * steps});
   CHECK(ranks_agree(comm, run.x.back()));
 }
 
