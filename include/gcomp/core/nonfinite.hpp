@@ -146,17 +146,19 @@ class nonfinite_guard {
     if (action_ == on_nonfinite::propagate) return true;
     const std::size_t local = count_nonfinite(policy, gradient);
     if (local == 0) return true;
-    local_steps_ += 1;
     if (action_ == on_nonfinite::throw_error)
       fail(where, "the gradient has ", local, " non-finite entries (first at index ",
            first_nonfinite(policy, gradient), ")");
+    local_steps_ += 1;
     skipped_ += 1;
     return false;
   }
 
   /// Steps skipped so far (on every worker the same number, for admit()).
   std::uint64_t skipped_steps() const { return skipped_; }
-  /// Steps in which this worker's own gradient had non-finite entries.
+  /// Skipped steps in which this worker's own gradient had non-finite entries
+  /// (the others were skipped for another worker's). A throwing check counts
+  /// nothing: with throw_error the guard, like the step, is left unchanged.
   std::uint64_t local_nonfinite_steps() const { return local_steps_; }
 
   void save(checkpoint_writer& out) const {
@@ -185,7 +187,6 @@ class nonfinite_guard {
     std::array<T, 1> host{};
     flag_.copy_to_host(std::span<T>(host), where);
     const double workers = static_cast<double>(host[0]);
-    if (local > 0) local_steps_ += 1;
     if (!(workers > 0.0)) return true;
     if (action_ == on_nonfinite::throw_error) {
       if (local > 0)
@@ -195,6 +196,7 @@ class nonfinite_guard {
       fail(where, "non-finite gradient on ", workers, " of ", comm.size(),
            " workers (this worker's gradient is finite)");
     }
+    if (local > 0) local_steps_ += 1;
     skipped_ += 1;
     return false;
   }
