@@ -12,6 +12,7 @@
 
 #include <doctest/doctest.h>
 
+#include <gcomp/core/checkpoint.hpp>
 #include <gcomp/exec/buffer.hpp>
 #include <gcomp/exec/host.hpp>
 #include <gcomp/optim/adam.hpp>
@@ -292,6 +293,115 @@ void check_refuses_foreign_state(const Policy& policy, O opt, const char* where)
   opt.reset();
   opt.step(policy, lay, x_device.span(), std::span<const T>(g_device.span()));
   CHECK(opt.steps() == 1);
+}
+
+// Checkpoints: 2N steps of one optimizer equal N steps, a checkpoint, a load
+// under `policy` (so the state lands in its memory) into a fresh copy of
+// `prototype` and N more steps, bitwise: parameters, every state array, step
+// counts and trust ratios, and the checkpoint of the end state. A second save
+// of the loaded optimizer gives the checkpoint's bytes, and a fresh optimizer
+// that skips the load ends elsewhere (so the test sees the state).
+template <class O, class Policy>
+void check_resume_from_checkpoint(const Policy& policy, const O& prototype, int steps = 6) {
+  using T = typename O::value_type;
+  const gcomp::layout lay = test_layout();
+  const std::size_t n = lay.total_size();
+  std::mt19937 gen(4321);
+  std::normal_distribution<double> normal;
+  std::vector<T> x0(n);
+  for (std::size_t i = 0; i < n; ++i)
+    x0[i] = lay[zero_layer].offset <= i && i < lay[zero_layer].offset + lay[zero_layer].size
+                ? T(0)
+                : static_cast<T>(normal(gen));
+  std::vector<std::vector<T>> grads(static_cast<std::size_t>(2 * steps), std::vector<T>(n));
+  for (auto& g : grads)
+    for (T& e : g) e = static_cast<T>(normal(gen));
+  const auto masks = mask_cycle(true);
+  auto run = [&](O& opt, gcomp::policy_buffer<T>& x, int from, int to) {
+    gcomp::policy_buffer<T> g;
+    for (int t = from; t < to; ++t) {
+      const auto u = static_cast<std::size_t>(t);
+      g.assign_from_host(policy, std::span<const T>(grads[u]));
+      opt.step(policy, lay, x.span(), std::span<const T>(g.span()),
+               gcomp::layer_mask(masks[u % masks.size()]));
+    }
+  };
+  auto start = [&](std::span<const T> values) {
+    gcomp::policy_buffer<T> x;
+    x.assign_from_host(policy, values);
+    return x;
+  };
+
+  O whole = prototype;
+  auto x_whole = start(x0);
+  run(whole, x_whole, 0, 2 * steps);
+
+  O first = prototype;
+  auto x = start(x0);
+  run(first, x, 0, steps);
+  const std::vector<std::byte> saved = gcomp::checkpoint_bytes(first);
+  const std::vector<T> x_half = x.to_host();
+  O resumed = prototype;
+  gcomp::load_checkpoint(policy, std::span<const std::byte>(saved), resumed);
+  CHECK(gcomp::checkpoint_bytes(resumed) == saved);
+  run(resumed, x, steps, 2 * steps);
+
+  check_bitwise("params after resuming", x_whole.to_host(), x.to_host());
+  const auto whole_arrays = state_arrays(whole);
+  const auto resumed_arrays = state_arrays(resumed);
+  REQUIRE(whole_arrays.size() == resumed_arrays.size());
+  for (std::size_t k = 0; k < whole_arrays.size(); ++k)
+    check_bitwise(whole_arrays[k].first, read_back(policy, whole_arrays[k].second),
+                  read_back(policy, resumed_arrays[k].second));
+  if constexpr (requires { whole.trust_ratios(); }) {
+    const auto w = whole.trust_ratios(), r = resumed.trust_ratios();
+    check_bitwise("trust_ratios", std::vector<double>(w.begin(), w.end()),
+                  std::vector<double>(r.begin(), r.end()));
+  }
+  if constexpr (requires { whole.layer_steps(0); })
+    for (std::size_t l = 0; l < lay.num_layers(); ++l)
+      CHECK(whole.layer_steps(l) == resumed.layer_steps(l));
+  CHECK(whole.steps() == resumed.steps());
+  CHECK(gcomp::checkpoint_bytes(resumed) == gcomp::checkpoint_bytes(whole));
+
+  O restarted = prototype;
+  auto x_restarted = start(x_half);
+  run(restarted, x_restarted, steps, 2 * steps);
+  CHECK(first_difference(x_whole.to_host(), x_restarted.to_host()) < n);
+}
+
+// Every optimizer with the state it can have: momentum or not, Nesterov,
+// amsgrad, excluded layers, and schedules, so the step count is state too.
+template <class Policy, class T>
+void check_resume_cases_for(const Policy& policy) {
+  check_resume_from_checkpoint(
+      policy, gcomp::sgd<T>({.lr = 0.05, .momentum = 0.9, .dampening = 0.1, .weight_decay = 1e-3}));
+  check_resume_from_checkpoint(policy, gcomp::sgd<T>({.momentum = 0.8, .nesterov = true},
+                                                     gcomp::lr_schedule::cosine(0.1, 10)));
+  // Without momentum the step count (the schedule's position) is all the state.
+  check_resume_from_checkpoint(policy, gcomp::sgd<T>({}, gcomp::lr_schedule::step(0.1, 2, 0.5)));
+  for (bool amsgrad : {false, true}) {
+    CAPTURE(amsgrad);
+    check_resume_from_checkpoint(
+        policy, gcomp::adam<T>({.lr = 2e-3, .beta1 = 0.8, .beta2 = 0.99, .eps = 1e-7,
+                                .weight_decay = 1e-2, .amsgrad = amsgrad}));
+    const auto warmup = gcomp::lr_schedule::linear_warmup(3, gcomp::lr_schedule::constant(1e-2));
+    check_resume_from_checkpoint(
+        policy, gcomp::adamw<T>({.lr = 2e-3, .weight_decay = 5e-2, .amsgrad = amsgrad}, warmup));
+  }
+  check_resume_from_checkpoint(policy, gcomp::lars<T>(gcomp::lars_options{}));
+  check_resume_from_checkpoint(
+      policy, gcomp::lars<T>({.momentum = 0.0, .weight_decay = 1e-2, .exclude = is_bias},
+                             gcomp::lr_schedule::step(0.1, 2, 0.5)));
+  check_resume_from_checkpoint(policy, gcomp::lamb<T>(gcomp::lamb_options{}));
+  check_resume_from_checkpoint(policy, gcomp::lamb<T>({.lr = 1e-2, .exclude = is_bias},
+                                                      gcomp::lr_schedule::cosine(1e-2, 10)));
+}
+
+template <class Policy>
+void check_resume_cases(const Policy& policy) {
+  check_resume_cases_for<Policy, float>(policy);
+  check_resume_cases_for<Policy, double>(policy);
 }
 
 }  // namespace gcomp_test::sameness

@@ -38,6 +38,10 @@ TEST_CASE("lars under thrust_device equals host_seq bitwise") { check_lars_cases
 
 TEST_CASE("lamb under thrust_device equals host_seq bitwise") { check_lamb_cases(gcomp::thrust_device{}); }
 
+TEST_CASE("optimizers under thrust_device resume from a checkpoint bitwise") {
+  check_resume_cases(gcomp::thrust_device{});
+}
+
 TEST_CASE("optimizers under thrust_device do not depend on the OpenMP thread count") {
   omp_threads_guard guard;
   for (int threads : {1, 3, 4}) {

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
@@ -29,6 +30,12 @@ concept support_payload = requires(P& p, const P& cp, std::vector<std::byte>& ou
   { encoded_support_size(cp) } -> std::convertible_to<std::size_t>;
   encode_support(cp, out);
   decode_support(bytes, p, std::uint64_t{0});
+};
+
+/// A part that writes a checkpoint section of its own (one with state).
+template <class P>
+concept saves_checkpoint_state = requires(const P& part, checkpoint_writer& out) {
+  part.save(out);
 };
 
 }  // namespace detail
@@ -136,10 +143,15 @@ class chain {
   template <class Policy>
   void compress(const Policy& policy, std::span<const value_type> gradient, payload& message,
                 rng_key key) {
-    first_.compress(policy, gradient, message.support, key);
-    auto kept = message.support.values();
+    // A's support is staged in scratch_ and swapped in only once B has
+    // accepted the kept values, so a throwing A or B leaves the message as it
+    // was (the swap keeps both buffers' capacity for the next step).
+    first_.compress(policy, gradient, scratch_, key);
+    auto kept = scratch_.values();
     second_.compress(policy, std::span<const value_type>(kept.data(), kept.size()),
                      message.values_message, key.fork(detail::chain_tag));
+    using std::swap;
+    swap(message.support, scratch_);
   }
 
   /// Decodes B's values into a copy of A's support, then lets A scatter them.
@@ -182,6 +194,33 @@ class chain {
     }
   }
 
+  /// Checkpoint section "gcomp::chain" (version 1), only when A or B has
+  /// state (an error_feedback inside): A's section, then B's, nested. A chain
+  /// of stateless parts writes nothing, like the parts themselves.
+  void save(checkpoint_writer& out) const
+    requires detail::saves_checkpoint_state<A> || detail::saves_checkpoint_state<B>
+  {
+    out.begin("gcomp::chain", 1);
+    save_state(out, first_);
+    save_state(out, second_);
+    out.end();
+  }
+
+  /// Reads save()'s section into copies of A and B, which replace them only
+  /// when both loaded, so a rejected checkpoint leaves the chain unchanged.
+  template <class Policy>
+    requires detail::saves_checkpoint_state<A> || detail::saves_checkpoint_state<B>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    in.begin("gcomp::chain", 1);
+    A first(first_);
+    B second(second_);
+    load_state(policy, in, first);
+    load_state(policy, in, second);
+    in.end();
+    first_ = std::move(first);
+    second_ = std::move(second);
+  }
+
   A& first() { return first_; }
   const A& first() const { return first_; }
   B& second() { return second_; }
@@ -190,7 +229,7 @@ class chain {
  private:
   A first_;
   B second_;
-  mutable typename A::payload scratch_;
+  mutable typename A::payload scratch_;  // compress's staged support, decompress_add's copy
 };
 
 }  // namespace gcomp

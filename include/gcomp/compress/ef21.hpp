@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "gcomp/compress/detail/stateful_wrapper.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/exec/host.hpp"
 
@@ -72,6 +73,17 @@ class ef21 : public detail::stateful_wrapper<C> {
   /// h = 0 again (storage and size kept); the receiver must reset its
   /// estimate at the same step.
   void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
+
+  /// Checkpoint section "gcomp::ef21" (version 1): started, h (as "state"),
+  /// and C's section when C has state. The receiver's estimate G is the
+  /// caller's (or its aggregator's) state, not this object's.
+  void save(checkpoint_writer& out) const { this->save_section(out, "gcomp::ef21", "state"); }
+  /// Reads save()'s section; a started object takes only an h of its own
+  /// size, and a rejected checkpoint leaves it unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    this->load_section(policy, in, "gcomp::ef21", "state");
+  }
 };
 
 }  // namespace gcomp

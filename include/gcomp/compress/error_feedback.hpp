@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "gcomp/compress/detail/stateful_wrapper.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/exec/host.hpp"
 
@@ -64,6 +65,18 @@ class error_feedback : public detail::stateful_wrapper<C> {
   std::span<value_type> residual() { return this->state_; }
   /// Zeroes the residual (keeping its storage and size).
   void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
+
+  /// Checkpoint section "gcomp::error_feedback" (version 1): started, the
+  /// residual, and C's section when C has state (PowerSGD's warm starts).
+  void save(checkpoint_writer& out) const {
+    this->save_section(out, "gcomp::error_feedback", "residual");
+  }
+  /// Reads save()'s section; a started object takes only a residual of its
+  /// own size, and a rejected checkpoint leaves it unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    this->load_section(policy, in, "gcomp::error_feedback", "residual");
+  }
 };
 
 }  // namespace gcomp

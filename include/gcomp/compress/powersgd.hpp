@@ -6,11 +6,13 @@
 #include <cstdint>
 #include <numeric>
 #include <span>
+#include <string>
 #include <string_view>
 #include <utility>
 #include <vector>
 
 #include "gcomp/compress/detail/lowrank_kernels.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/lowrank_payload.hpp"
@@ -174,7 +176,49 @@ class powersgd {
   }
   const powersgd_options& options() const { return options_; }
 
+  /// Checkpoint section "gcomp::powersgd" (version 1): the block count and
+  /// each block's warm-start Q ("warm_start[b]", cols x rank, or empty for a
+  /// dense block and before the first compress). P and the other buffers are
+  /// recomputed every step, so they are not saved.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::powersgd", 1);
+    out.value("blocks", static_cast<std::uint64_t>(warm_.size()));
+    for (std::size_t b = 0; b < warm_.size(); ++b)
+      out.array(warm_start_name(b), std::span<const T>(warm_[b]));
+    out.end();
+  }
+
+  /// Reads save()'s section. The layout fixes every block's shape, so each Q
+  /// must be empty (drawn afresh at the next compress) or exactly cols x
+  /// rank; anything else is rejected naming both sizes, with *this unchanged.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::powersgd::load";
+    in.begin("gcomp::powersgd", 1);
+    const auto blocks = in.value<std::uint64_t>("blocks");
+    if (blocks != plan_.size())
+      fail(where, "the checkpoint holds warm starts for ", blocks,
+           " blocks but this powersgd has ", plan_.size(),
+           " (one per layer; a checkpoint of another model?)");
+    std::vector<std::vector<T>> warm(plan_.size());
+    for (std::size_t b = 0; b < plan_.size(); ++b) {
+      warm[b] = in.vector<T>(warm_start_name(b));
+      const block& k = plan_[b];
+      const std::uint64_t expected = k.cols * k.rank;
+      if (!warm[b].empty() && warm[b].size() != expected)
+        fail(where, "warm_start[", b, "] (layer '", layout_[layer_of_block_[b]].name, "') holds ",
+             warm[b].size(), " values but this powersgd expects ", expected, " (cols ", k.cols,
+             " x rank ", k.rank, ") or none");
+    }
+    in.end();
+    warm_ = std::move(warm);
+  }
+
  private:
+  static std::string warm_start_name(std::size_t b) {
+    return "warm_start[" + std::to_string(b) + "]";
+  }
+
   static constexpr std::uint64_t powersgd_tag = 0x6467737265776f70ull;         // "powersgd"
   static constexpr std::uint64_t powersgd_reseed_tag = 0x646565736572716bull;  // "kqreseed"
 

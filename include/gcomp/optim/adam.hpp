@@ -6,8 +6,10 @@
 #include <cstdint>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -149,6 +151,57 @@ class adam_base : public optimizer_base<Options> {
   std::span<const T> exp_avg() const { return exp_avg_.span(); }
   std::span<const T> exp_avg_sq() const { return exp_avg_sq_.span(); }
   std::span<const T> max_exp_avg_sq() const { return max_exp_avg_sq_.span(); }
+
+  /// Checkpoint section "gcomp::adam" or "gcomp::adamw" (version 1): the step
+  /// count (the schedule's position), each layer's step count (its bias
+  /// correction), m, v and max v (empty without amsgrad). Options and the
+  /// schedule are configuration and are not saved.
+  void save(checkpoint_writer& out) const {
+    out.begin(name(), 1);
+    out.value("steps", this->steps());
+    out.array("layer_steps", layer_steps_);
+    out.array("exp_avg", exp_avg_.to_host());
+    out.array("exp_avg_sq", exp_avg_sq_.to_host());
+    out.array("max_exp_avg_sq", max_exp_avg_sq_.to_host());
+    out.end();
+  }
+
+  /// Reads save()'s section, the moments into the memory of `policy`. Once
+  /// this optimizer has stepped, only a checkpoint of the same sizes is
+  /// taken; the moments must agree in size with each other and with amsgrad.
+  /// A rejected checkpoint leaves the optimizer unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    const std::string_view where = decoupled ? "gcomp::adamw::load" : "gcomp::adam::load";
+    in.begin(name(), 1);
+    const auto steps = in.value<std::uint64_t>("steps");
+    const bool started = !layer_steps_.empty();
+    auto layer_steps = detail::load_state_array<std::uint64_t>(in, "layer_steps", started,
+                                                               layer_steps_.size());
+    const auto m = detail::load_state_array<T>(in, "exp_avg", started, exp_avg_.size());
+    const auto v = detail::load_state_array<T>(in, "exp_avg_sq", started, exp_avg_sq_.size());
+    const auto vmax =
+        detail::load_state_array<T>(in, "max_exp_avg_sq", started, max_exp_avg_sq_.size());
+    in.end();
+    // step() indexes v and max v by m's size: a checkpoint of other sizes
+    // would make it read out of bounds.
+    check_same_size(where, "exp_avg_sq of the checkpoint", v.size(), "its exp_avg", m.size());
+    if (options_.amsgrad && !layer_steps.empty() && vmax.size() != m.size())
+      fail(where, "the checkpoint's max_exp_avg_sq holds ", vmax.size(),
+           " values but this optimizer has amsgrad and expects ", m.size(),
+           " (exp_avg's size; a checkpoint saved without amsgrad?)");
+    if (!vmax.empty() && vmax.size() != m.size())
+      fail(where, "the checkpoint's max_exp_avg_sq holds ", vmax.size(), " values, expected 0 or ",
+           m.size(), " (exp_avg's size)");
+    auto m_buffer = detail::buffer_from_host(policy, m, where);
+    auto v_buffer = detail::buffer_from_host(policy, v, where);
+    auto vmax_buffer = detail::buffer_from_host(policy, vmax, where);
+    exp_avg_ = std::move(m_buffer);
+    exp_avg_sq_ = std::move(v_buffer);
+    max_exp_avg_sq_ = std::move(vmax_buffer);
+    layer_steps_ = std::move(layer_steps);
+    this->restore_steps(steps);
+  }
 
  private:
   static constexpr std::string_view name() { return decoupled ? "gcomp::adamw" : "gcomp::adam"; }

@@ -8,10 +8,12 @@
 #include <functional>
 #include <limits>
 #include <span>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -175,6 +177,49 @@ class lamb : public detail::optimizer_base<lamb_options> {
   std::span<const T> exp_avg_sq() const { return exp_avg_sq_.span(); }
   /// phi(||x_d||) / ||u_d|| of each layer's last active step (1 before it or when excluded).
   std::span<const double> trust_ratios() const { return ratios_; }
+
+  /// Checkpoint section "gcomp::lamb" (version 1): the step count (the
+  /// schedule's position), each layer's step count (its bias correction),
+  /// the trust ratios of each layer's last active step (what trust_ratios()
+  /// reports), m and v. Options and the schedule are not saved.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::lamb", 1);
+    out.value("steps", steps());
+    out.array("layer_steps", layer_steps_);
+    out.array("trust_ratios", ratios_);
+    out.array("exp_avg", exp_avg_.to_host());
+    out.array("exp_avg_sq", exp_avg_sq_.to_host());
+    out.end();
+  }
+
+  /// Reads save()'s section, m and v into the memory of `policy`. Once this
+  /// lamb has stepped, only a checkpoint of the same sizes is taken; a
+  /// rejected checkpoint leaves it unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::lamb::load";
+    in.begin("gcomp::lamb", 1);
+    const auto steps = in.value<std::uint64_t>("steps");
+    const bool started = !layer_steps_.empty();
+    auto layer_steps = detail::load_state_array<std::uint64_t>(in, "layer_steps", started,
+                                                               layer_steps_.size());
+    auto ratios = detail::load_state_array<double>(in, "trust_ratios", started, ratios_.size());
+    const auto m = detail::load_state_array<T>(in, "exp_avg", started, exp_avg_.size());
+    const auto v = detail::load_state_array<T>(in, "exp_avg_sq", started, exp_avg_sq_.size());
+    in.end();
+    // step() writes a ratio per layer and indexes v by m's size: other sizes
+    // would make it write out of bounds.
+    check_same_size(where, "trust_ratios of the checkpoint", ratios.size(), "its layer_steps",
+                    layer_steps.size());
+    check_same_size(where, "exp_avg_sq of the checkpoint", v.size(), "its exp_avg", m.size());
+    auto m_buffer = detail::buffer_from_host(policy, m, where);
+    auto v_buffer = detail::buffer_from_host(policy, v, where);
+    exp_avg_ = std::move(m_buffer);
+    exp_avg_sq_ = std::move(v_buffer);
+    layer_steps_ = std::move(layer_steps);
+    ratios_ = std::move(ratios);
+    restore_steps(steps);
+  }
 
  private:
   // Sums of squares of x (.x) and u (.y) over a layer, reduced together in one pass.

@@ -6,10 +6,12 @@
 #include <cstdint>
 #include <functional>
 #include <span>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -152,6 +154,58 @@ class lars : public detail::optimizer_base<lars_options> {
   std::span<const T> momentum_buffer() const { return momentum_.span(); }
   /// lambda_d of each layer's last active step (1 before it; empty before the first step).
   std::span<const double> trust_ratios() const { return ratios_; }
+
+  /// Checkpoint section "gcomp::lars" (version 1): the step count (the
+  /// schedule's position), the parameter count the state was built for, the
+  /// trust ratios of each layer's last active step (one per layer; empty
+  /// before the first step) and v (empty with momentum 0). The norms are
+  /// recomputed before every use, so they are not saved; nor are options.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::lars", 1);
+    out.value("steps", steps());
+    out.value("params", static_cast<std::uint64_t>(state_size_));
+    out.array("trust_ratios", ratios_);
+    out.array("momentum", momentum_.to_host());
+    out.end();
+  }
+
+  /// Reads save()'s section, v into the memory of `policy`. Once this lars
+  /// has stepped, only a checkpoint of the same sizes is taken; a rejected
+  /// checkpoint leaves it unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::lars::load";
+    in.begin("gcomp::lars", 1);
+    const auto steps = in.value<std::uint64_t>("steps");
+    const auto params = in.value<std::uint64_t>("params");
+    const bool started = !ratios_.empty();
+    if (started && params != state_size_)
+      fail(where, "the checkpoint's state is for ", params,
+           " parameters but this lars has state for ", state_size_,
+           " (a checkpoint of another model size?)");
+    auto ratios = detail::load_state_array<double>(in, "trust_ratios", started, ratios_.size());
+    const auto momentum = detail::load_state_array<T>(in, "momentum", started, momentum_.size());
+    in.end();
+    // step() indexes v by the parameter count whenever it has momentum: a
+    // checkpoint without v (saved with momentum 0) or of another size would
+    // make it read out of bounds.
+    const bool needs_momentum = options_.momentum != 0.0 && !ratios.empty();
+    if (momentum.size() != params && (needs_momentum || !momentum.empty()))
+      fail(where, "the checkpoint's momentum holds ", momentum.size(),
+           " values but its state is for ", params, " parameters and this lars has momentum ",
+           options_.momentum,
+           needs_momentum ? " (a checkpoint saved with momentum 0?)" : "");
+    if (ratios.empty() && params != 0)
+      fail(where, "the checkpoint's state is for ", params,
+           " parameters but holds no trust ratios (one per layer after the first step)");
+    auto buffer = detail::buffer_from_host(policy, momentum, where);
+    std::vector<sums> norms(ratios.size());  // scratch, sized as step() expects
+    momentum_ = std::move(buffer);
+    norms_ = std::move(norms);
+    ratios_ = std::move(ratios);
+    state_size_ = static_cast<std::size_t>(params);
+    restore_steps(steps);
+  }
 
  private:
   // Sums of squares of x (.x) and g (.y) over a layer.

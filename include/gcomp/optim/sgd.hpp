@@ -5,8 +5,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string_view>
+#include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -113,6 +116,37 @@ class sgd : public detail::optimizer_base<sgd_options> {
   /// memory of the policy of that step: device memory under cuda_par (read it
   /// with gcomp::copy_to_host).
   std::span<const T> momentum_buffer() const { return momentum_.span(); }
+
+  /// Checkpoint section "gcomp::sgd" (version 1): the step count (the
+  /// schedule's position), the per-layer "started" flags and the momentum
+  /// buffer (both empty until the first step with momentum). Options and the
+  /// schedule are configuration and are not saved.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::sgd", 1);
+    out.value("steps", steps());
+    out.array("layer_started", started_);
+    out.array("momentum", momentum_.to_host());
+    out.end();
+  }
+
+  /// Reads save()'s section, the momentum into the memory of `policy`. Once
+  /// this sgd has a momentum buffer, only a checkpoint of the same sizes is
+  /// taken; a rejected checkpoint leaves it unchanged.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::sgd::load";
+    in.begin("gcomp::sgd", 1);
+    const auto steps = in.value<std::uint64_t>("steps");
+    const bool started = !momentum_.empty();
+    auto flags =
+        detail::load_state_array<std::uint8_t>(in, "layer_started", started, started_.size());
+    const auto momentum = detail::load_state_array<T>(in, "momentum", started, momentum_.size());
+    in.end();
+    auto buffer = detail::buffer_from_host(policy, momentum, where);
+    momentum_ = std::move(buffer);
+    started_ = std::move(flags);
+    restore_steps(steps);
+  }
 
  private:
   policy_buffer<T> momentum_;

@@ -7,6 +7,7 @@
 #include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 
@@ -55,6 +56,46 @@ class stateful_wrapper {
     else
       state_.assign(n, value_type(0));
     scratch_.resize(n);
+  }
+
+  /// The section of a wrapper (`kind`, version 1): whether a step was taken,
+  /// the state vector (named `state_name`) and C's own state nested inside.
+  /// The scratch buffer is rebuilt by every step, so it is not saved.
+  void save_section(checkpoint_writer& out, std::string_view kind,
+                    std::string_view state_name) const {
+    out.begin(kind, 1);
+    out.value("started", started_);
+    out.array(state_name, std::span<const value_type>(state_));
+    save_state(out, inner_);
+    out.end();
+  }
+
+  /// Reads what save_section wrote. A started wrapper knows its size and
+  /// takes only a state of that size; a fresh one takes the size the
+  /// checkpoint has. Everything is read into temporaries (C into a copy), so
+  /// a rejected checkpoint leaves the wrapper and C as they were.
+  template <class Policy>
+  void load_section(const Policy& policy, checkpoint_reader& in, std::string_view kind,
+                    std::string_view state_name) {
+    in.begin(kind, 1);
+    const bool started = in.value<bool>("started");
+    std::vector<value_type> state;
+    if (started_) {
+      state.resize(state_.size());
+      in.array(state_name, std::span<value_type>(state));
+    } else {
+      state = in.vector<value_type>(state_name);
+    }
+    if constexpr (requires { inner_.load(policy, in); }) {
+      C inner(inner_);
+      inner.load(policy, in);
+      in.end();
+      inner_ = std::move(inner);
+    } else {
+      in.end();
+    }
+    state_ = std::move(state);
+    started_ = started;
   }
 
   C inner_;

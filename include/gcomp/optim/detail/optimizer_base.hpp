@@ -3,9 +3,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <utility>
+#include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
@@ -26,6 +29,28 @@ struct state_names {
 inline constexpr state_names moments_names{
     "the moments built at the first step (call reset() first)",
     "the layers the moments were built for (call reset() first)", "the moments"};
+
+/// Reads one state array of a checkpoint: exactly `expected` elements when
+/// the optimizer already has state (its model is known, and another size is
+/// rejected naming both), as many as the checkpoint holds when it is fresh.
+template <class V>
+std::vector<V> load_state_array(checkpoint_reader& in, std::string_view name, bool started,
+                                std::size_t expected) {
+  if (!started) return in.vector<V>(name);
+  std::vector<V> values(expected);
+  in.array(name, std::span<V>(values));
+  return values;
+}
+
+/// A new buffer holding host `values` in the memory of `policy` (device
+/// memory under cuda_par), for loading state that steps keep in a policy_buffer.
+template <class Policy, class T>
+policy_buffer<T> buffer_from_host(const Policy& policy, const std::vector<T>& values,
+                                  std::string_view where) {
+  policy_buffer<T> buffer;
+  buffer.assign_from_host(policy, std::span<const T>(values), where);
+  return buffer;
+}
 
 /// Holds an optimizer's options (Options::lr is the rate until set_schedule),
 /// its learning-rate schedule and its completed step() calls. The optimizer
@@ -56,6 +81,8 @@ class optimizer_base {
   }
 
   void reset_steps() { steps_ = 0; }
+  /// Sets the step count read from a checkpoint (the schedule resumes there).
+  void restore_steps(std::uint64_t steps) { steps_ = steps; }
   /// The learning rate of the step being taken; finish_step() moves on to the next.
   double current_lr() const { return schedule_(steps_); }
   void finish_step() { ++steps_; }
