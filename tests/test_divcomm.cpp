@@ -197,6 +197,10 @@ TEST_CASE("divisible Adam: foreground bytes are 1/r of dense, background bytes a
       s.counters = d.aggregator.counters();
     });
     const std::uint64_t dense = n_steps * n * sizeof(float);
+    // The non-finite check (core/nonfinite.hpp, on by default) all-reduces one
+    // float per step, counted by the communicator only: n_steps * sizeof(float)
+    // bytes each way and n_steps collectives.
+    const gcomp::comm_stats check{n_steps * sizeof(float), n_steps * sizeof(float), n_steps};
     for (const worker_state& s : out) {
       CHECK(s.foreground.bytes_sent * r == dense);
       CHECK(s.foreground.bytes_received * r == dense);
@@ -204,7 +208,7 @@ TEST_CASE("divisible Adam: foreground bytes are 1/r of dense, background bytes a
       // n floats and the 16-byte step tag per operation, 8 bytes for finish()'s count.
       CHECK(s.background.bytes_sent == s.counters.started * (n * sizeof(float) + 16) + 8);
       CHECK(s.background.collectives == 2 * s.counters.started + 1);
-      CHECK(s.foreground + s.background == s.seen);
+      CHECK(s.foreground + s.background + check == s.seen);
     }
   }
 }

@@ -29,8 +29,21 @@ struct worker_log {
   std::vector<std::uint8_t> masks;            // every step's mask, concatenated
   std::vector<double> probabilities;          // p after every step, concatenated
   std::uint64_t mask_bytes = 0;               // sum over steps of the active layers' bytes
-  bool stats_match = true;                    // comm.stats() grew by last_step().bytes each step
+  bool stats_match = true;                    // comm.stats() grew as stats_growth_matches says each step
 };
+
+// Each step, comm.stats() grows by the gradient's all-reduce (last_step().bytes,
+// one collective) and by the non-finite check's one-element all-reduce
+// (core/nonfinite.hpp: sizeof(T) bytes, one collective; on by default):
+// bytes = last_step().bytes + sizeof(T), collectives = 2 (the groups here have M > 1).
+template <class T>
+bool stats_growth_matches(const gcomp::comm_stats& before, const gcomp::comm_stats& after,
+                          const gcomp::jointspar_step_stats& last) {
+  const std::uint64_t bytes = last.bytes + sizeof(T);
+  return after.bytes_sent - before.bytes_sent == bytes &&
+         after.bytes_received - before.bytes_received == bytes &&
+         after.collectives - before.collectives == 2;
+}
 
 // One worker's training loop: the gradient of the active layers only (the
 // inactive ones are NaN, as a trainer that skipped them could leave them).
@@ -51,9 +64,7 @@ worker_log train(const problem& p, Comm& comm, gcomp::jointspar<O>& js, int step
     const gcomp::comm_stats before = comm.stats();
     js.finish_step(policy, comm, layered, std::span<double>(x), std::span<const double>(g));
     const gcomp::comm_stats after = comm.stats();
-    log.stats_match = log.stats_match && after.bytes_sent - before.bytes_sent == js.last_step().bytes &&
-                      after.bytes_received - before.bytes_received == js.last_step().bytes &&
-                      after.collectives - before.collectives == 1;
+    log.stats_match = log.stats_match && stats_growth_matches<double>(before, after, js.last_step());
     log.probabilities.insert(log.probabilities.end(), js.probabilities().begin(), js.probabilities().end());
   }
   log.x = x;
@@ -124,7 +135,7 @@ TEST_CASE("bytes per step equal the active layers' bytes, as comm.stats() counts
   const auto logs = run_group(p, js, 200);
   std::uint64_t dense = 200 * dims * sizeof(double);
   for (const auto& log : logs) {
-    CHECK(log.stats_match);  // every step: bytes_sent, bytes_received += last_step().bytes, one collective
+    CHECK(log.stats_match);  // every step: += last_step().bytes + sizeof(double), two collectives
     CHECK(log.mask_bytes == logs[0].mask_bytes);
   }
   // s = D / 2 of 4 equal-probability layers: about half the dense traffic.
@@ -274,6 +285,11 @@ TEST_CASE("bad arguments throw gcomp::error with parameters, steps and probabili
   expect_error([&] { js.finish_step(seq, comm, lay, std::span<float>(x), std::span<const float>(short_g)); },
                "grads has size 4 but params has size 5");
   g[3] = std::numeric_limits<float>::infinity();
+  // By default the step is skipped before the gradient reaches any state ...
+  CHECK_FALSE(js.finish_step(seq, comm, lay, std::span<float>(x), std::span<const float>(g)));
+  CHECK(js.skipped_steps() == 1);
+  // ... and with propagate the aggregated gradient's check is the last line of defence.
+  js.set_nonfinite_action(gcomp::on_nonfinite::propagate);
   expect_error([&] { js.finish_step(seq, comm, lay, std::span<float>(x), std::span<const float>(g)); },
                "the aggregated gradient of layer 'layer1' is not finite");
   CHECK(x == std::vector<float>(5, 1.0f));

@@ -27,6 +27,10 @@ namespace gcomp {
 /// indices. Inactive layers of `local` are never read, so a trainer that
 /// skipped their backward pass may leave anything there. One all-reduce is
 /// made per call even when no layer is active, so that workers stay in step.
+///
+/// It keeps no state from one step to the next (only the last call's counts
+/// and a reused buffer), so it has no checkpoint section: save_state writes
+/// nothing for it, and jointspar saves the counts it reports.
 class active_layers {
  public:
   active_layers() = default;

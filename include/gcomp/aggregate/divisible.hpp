@@ -10,6 +10,7 @@
 
 #include "gcomp/comm/stats.hpp"
 #include "gcomp/compress/random_block.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
@@ -119,6 +120,14 @@ inline constexpr std::uint64_t divisible_tag_mask = 0xFFFF;
 /// Bytes: foreground_stats() and background_stats() follow comm_stats's rule
 /// (logical payload bytes, 0 on a one-rank group, counted when completion is
 /// observed), so their sum equals what comm.stats() gained through this object.
+///
+/// Copies and checkpoints need no operation in flight: its buffers are being
+/// written by the transport and its request cannot be copied or written to a
+/// file. Copying, assigning to, saving or loading an object with one in
+/// flight throws gcomp::error; call finish() on every rank first. A
+/// checkpoint is therefore a synchronisation point of the background: the
+/// run that is resumed from it equals the run that called finish() at the
+/// same step and went on.
 template <class T = float>
 class divisible {
  public:
@@ -135,12 +144,60 @@ class divisible {
     check_positive(where, "realign_every", options.realign_every);
   }
 
-  divisible(const divisible&) = delete;  // owns a request on a communicator
-  divisible& operator=(const divisible&) = delete;
-  // Moving keeps the buffers' storage, so a request in flight stays valid;
-  // assigning over an object with a request in flight could not.
+  /// A copy of an object with nothing in flight (see the class comment);
+  /// the copy's requests start empty.
+  divisible(const divisible& other)
+      : options_(idle(other, "gcomp::divisible (copy)").options_),
+        residual_(other.residual_),
+        sum_(other.sum_),
+        send_(other.send_),
+        snapshot_(other.snapshot_),
+        tags_(other.tags_),
+        foreground_(other.foreground_),
+        background_(other.background_),
+        counters_(other.counters_),
+        calls_(other.calls_),
+        start_(other.start_),
+        comm_(nullptr),
+        started_(other.started_),
+        in_flight_(false),
+        payload_done_(false),
+        tag_done_(false),
+        realign_(other.realign_),
+        message_(other.message_) {}
+  divisible& operator=(const divisible& other) {
+    if (this != &other) *this = divisible(other);
+    return *this;
+  }
+  // Moving keeps the buffers' storage, so a request in flight stays valid.
   divisible(divisible&&) = default;
-  divisible& operator=(divisible&&) = delete;
+  /// Assigning over an object with a request in flight could not keep that
+  /// request valid, so it throws (nothing changes); the source may have one.
+  divisible& operator=(divisible&& other) {
+    if (this == &other) return *this;
+    idle(*this, "gcomp::divisible (assignment)");
+    options_ = other.options_;
+    residual_ = std::move(other.residual_);
+    sum_ = std::move(other.sum_);
+    send_ = std::move(other.send_);
+    snapshot_ = std::move(other.snapshot_);
+    tags_ = std::move(other.tags_);
+    foreground_ = other.foreground_;
+    background_ = other.background_;
+    counters_ = other.counters_;
+    calls_ = other.calls_;
+    start_ = other.start_;
+    comm_ = std::exchange(other.comm_, nullptr);
+    started_ = other.started_;
+    in_flight_ = std::exchange(other.in_flight_, false);
+    payload_done_ = other.payload_done_;
+    tag_done_ = other.tag_done_;
+    realign_ = other.realign_;
+    message_ = std::move(other.message_);
+    request_ = std::move(other.request_);
+    tag_request_ = std::move(other.tag_request_);
+    return *this;
+  }
 
   /// The foreground step: global = mean over workers of C(e + local), e updated.
   template <class Policy, class Comm, class C>
@@ -248,7 +305,98 @@ class divisible {
   /// The error-feedback residual e (empty before the first aggregate()).
   std::span<const T> residual() const { return residual_; }
 
+  /// Writes the section "gcomp::divisible" (version 1): the options (payload,
+  /// delay, realign_every), whether aggregate() has run and the residual e,
+  /// the background's call count and realignment flag, the counters and both
+  /// traffic tallies. Throws gcomp::error while an operation is in flight.
+  void save(checkpoint_writer& out) const {
+    idle(*this, "gcomp::divisible::save");
+    out.begin("gcomp::divisible", 1);
+    out.value("payload", options_.payload);
+    out.value("delay", options_.delay);
+    out.value("realign_every", options_.realign_every);
+    out.value("started", static_cast<std::uint8_t>(started_ ? 1 : 0));
+    out.array("residual", residual_);
+    out.value("calls", calls_);
+    out.value("realign", static_cast<std::uint8_t>(realign_ ? 1 : 0));
+    out.value("started_operations", counters_.started);
+    out.value("applied_operations", counters_.applied);
+    out.value("skipped_operations", counters_.skipped);
+    out.value("pending_checks", counters_.pending_checks);
+    out.value("foreground_bytes_sent", foreground_.bytes_sent);
+    out.value("foreground_bytes_received", foreground_.bytes_received);
+    out.value("foreground_collectives", foreground_.collectives);
+    out.value("background_bytes_sent", background_.bytes_sent);
+    out.value("background_bytes_received", background_.bytes_received);
+    out.value("background_collectives", background_.collectives);
+    out.end();
+  }
+
+  /// Reads what save() wrote. The checkpoint must come from an object with
+  /// the same options, and once this object has a residual (aggregate() ran)
+  /// the checkpoint's must have its size; otherwise, or with an operation in
+  /// flight here, gcomp::error with the object unchanged. A fresh object takes
+  /// the checkpoint's residual, whose size the next aggregate() then checks.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::divisible::load";
+    idle(*this, where);
+    in.begin("gcomp::divisible", 1);
+    const auto payload = in.value<background_payload>("payload");
+    const auto delay = in.value<std::uint64_t>("delay");
+    const auto realign_every = in.value<std::uint64_t>("realign_every");
+    require(payload == options_.payload && delay == options_.delay &&
+                realign_every == options_.realign_every,
+            where, "the checkpoint was written with payload ", static_cast<unsigned>(payload),
+            ", delay ", delay, ", realign_every ", realign_every, " but this object has payload ",
+            static_cast<unsigned>(options_.payload), ", delay ", options_.delay,
+            ", realign_every ", options_.realign_every);
+    const auto started = in.value<std::uint8_t>("started");
+    std::vector<T> residual = in.vector<T>("residual");
+    const auto calls = in.value<std::uint64_t>("calls");
+    const auto realign = in.value<std::uint8_t>("realign");
+    background_counters counters;
+    counters.started = in.value<std::uint64_t>("started_operations");
+    counters.applied = in.value<std::uint64_t>("applied_operations");
+    counters.skipped = in.value<std::uint64_t>("skipped_operations");
+    counters.pending_checks = in.value<std::uint64_t>("pending_checks");
+    comm_stats foreground, background;
+    foreground.bytes_sent = in.value<std::uint64_t>("foreground_bytes_sent");
+    foreground.bytes_received = in.value<std::uint64_t>("foreground_bytes_received");
+    foreground.collectives = in.value<std::uint64_t>("foreground_collectives");
+    background.bytes_sent = in.value<std::uint64_t>("background_bytes_sent");
+    background.bytes_received = in.value<std::uint64_t>("background_bytes_received");
+    background.collectives = in.value<std::uint64_t>("background_collectives");
+    in.end();
+    require(started <= 1 && realign <= 1, where, "started and realign must be 0 or 1, got ",
+            unsigned(started), " and ", unsigned(realign));
+    require(started != 0 || residual.empty(), where, "a residual of ", residual.size(),
+            " elements before the first aggregate() (a corrupt checkpoint)");
+    if (started_ && started != 0)
+      check_same_size(where, "the checkpoint's residual", residual.size(),
+                      "this object's residual", residual_.size());
+    // The snapshot pins the model size for background(); the loaded state
+    // pins it anew (through the residual), so the old one is dropped.
+    snapshot_.clear();
+    send_.clear();
+    residual_ = std::move(residual);
+    started_ = started != 0;
+    calls_ = calls;
+    start_ = 0;
+    realign_ = realign != 0;
+    counters_ = counters;
+    foreground_ = foreground;
+    background_ = background;
+  }
+
  private:
+  // Throws unless `d` has nothing in flight (copies and checkpoints need that).
+  static const divisible& idle(const divisible& d, std::string_view where) {
+    require(!d.in_flight_, where,
+            "a background operation is in flight; call finish() on every rank first");
+    return d;
+  }
+
   using tag_type = std::uint64_t;
 
   template <class Policy, class Comm>

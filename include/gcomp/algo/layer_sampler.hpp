@@ -9,8 +9,10 @@
 #include <optional>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
@@ -230,11 +232,96 @@ class layer_sampler {
     refresh_inclusion();
   }
 
-  /// Sets p directly (e.g. from a checkpoint). Each value in [p_min, 1] and
-  /// the sum equal to s within 1e-9 relative; throws with nothing changed otherwise.
+  /// Sets p directly. Each value in [p_min, 1] and the sum equal to s within
+  /// 1e-9 relative; throws with nothing changed otherwise.
   void set_probabilities(std::span<const double> p) {
     constexpr std::string_view where = "gcomp::layer_sampler::set_probabilities";
     check_same_size(where, "p", p.size(), "layers", p_.size());
+    check_probabilities(where, p);
+    std::copy(p.begin(), p.end(), p_.begin());
+    refresh_inclusion();
+  }
+
+  /// Writes the sampler's state as the section "gcomp::layer_sampler"
+  /// (version 1): layers, seed, rule, budget and p_min (what the state means
+  /// and which draws it gives), then p, the bandit's L, the variance-optimal
+  /// norm estimates and which layers were seen. pi and P0 are not stored: they
+  /// are recomputed from p by the same expression, so they come back bitwise.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::layer_sampler", 1);
+    out.value("layers", static_cast<std::uint64_t>(p_.size()));
+    out.value("seed", options_.seed);
+    out.value("rule", options_.rule);
+    out.value("budget", options_.budget);
+    out.value("p_min", options_.p_min);
+    out.array("probabilities", p_);
+    out.value("max_layer_norm", max_norm_);
+    out.array("norm_estimates", norm_estimate_);
+    out.array("seen", seen_);
+    out.end();
+  }
+
+  /// Reads what save() wrote. The checkpoint must come from a sampler with
+  /// the same layer count, seed, rule, budget and p_min, and its values must
+  /// be ones a sampler can hold (p within [p_min, 1] summing to s, finite
+  /// non-negative norms); otherwise gcomp::error, with the sampler unchanged.
+  /// bandit_rate, normalize_bandit_loss and norm_decay are this sampler's own
+  /// (settings, like a learning rate, not state).
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::layer_sampler::load";
+    const std::size_t n = p_.size();
+    in.begin("gcomp::layer_sampler", 1);
+    const auto layers = in.value<std::uint64_t>("layers");
+    require(layers == n, where, "the checkpoint has ", layers, " layers but this sampler has ", n);
+    const auto seed = in.value<std::uint64_t>("seed");
+    require(seed == options_.seed, where, "the checkpoint was written with seed ", seed,
+            " but this sampler has seed ", options_.seed);
+    const auto rule = in.value<probability_rule>("rule");
+    require(rule == options_.rule, where, "the checkpoint was written with rule ",
+            rule_name(rule), " but this sampler has rule ", rule_name(options_.rule));
+    const auto budget = in.value<double>("budget");
+    require(budget == options_.budget, where, "the checkpoint was written with budget ", budget,
+            " but this sampler has budget ", options_.budget);
+    const auto p_min = in.value<double>("p_min");
+    require(p_min == options_.p_min, where, "the checkpoint was written with p_min ", p_min,
+            " but this sampler has p_min ", options_.p_min);
+    std::vector<double> p(n), estimates(n);
+    std::vector<std::uint8_t> seen(n);
+    in.array("probabilities", std::span<double>(p));
+    const auto max_norm = in.value<double>("max_layer_norm");
+    in.array("norm_estimates", std::span<double>(estimates));
+    in.array("seen", std::span<std::uint8_t>(seen));
+    in.end();
+    // The bytes passed the CRC, so these fail only for a checkpoint that was
+    // written wrong or crafted; the sampler must never hold such values.
+    check_probabilities(where, p);
+    require(std::isfinite(max_norm) && max_norm >= 0.0, where,
+            "max_layer_norm must be finite and >= 0, got ", max_norm);
+    for (std::size_t d = 0; d < n; ++d) {
+      require(std::isfinite(estimates[d]) && estimates[d] >= 0.0, where, "norm_estimates[", d,
+              "] must be finite and >= 0, got ", estimates[d]);
+      require(seen[d] <= 1, where, "seen[", d, "] must be 0 or 1, got ", unsigned(seen[d]));
+    }
+    p_ = std::move(p);
+    norm_estimate_ = std::move(estimates);
+    seen_ = std::move(seen);
+    max_norm_ = max_norm;
+    refresh_inclusion();
+  }
+
+ private:
+  static std::string_view rule_name(probability_rule rule) {
+    switch (rule) {
+      case probability_rule::bandit: return "bandit";
+      case probability_rule::variance_optimal: return "variance_optimal";
+      case probability_rule::fixed: return "fixed";
+    }
+    return "unknown";
+  }
+
+  // Each p_d in [p_min, 1] and sum p = s within 1e-9 relative.
+  void check_probabilities(std::string_view where, std::span<const double> p) const {
     double sum = 0.0;
     for (std::size_t d = 0; d < p.size(); ++d) {
       require(p[d] >= options_.p_min && p[d] <= 1.0, where, "p[", d, "] must be in [",
@@ -243,11 +330,8 @@ class layer_sampler {
     }
     require(std::fabs(sum - options_.budget) <= 1e-9 * options_.budget, where,
             "p must sum to the budget ", options_.budget, ", got ", sum);
-    std::copy(p.begin(), p.end(), p_.begin());
-    refresh_inclusion();
   }
 
- private:
   static layer_sampler_options checked(std::size_t layers, layer_sampler_options o) {
     constexpr std::string_view where = "gcomp::layer_sampler";
     require(layers > 0, where, "layers must be > 0, got 0");
