@@ -101,8 +101,7 @@ class pipeline_method final : public method<Comm> {
   pipeline_method(Pipeline p, gcomp::layout lay) : p_(std::move(p)), lay_(std::move(lay)) {}
   void step(Comm& comm, std::span<float> params, std::span<const float> grads,
             const gradient_fn&) override {
-    p_.step(seq, comm, lay_, params, grads);
-    ++uploads_;
+    if (p_.step(seq, comm, lay_, params, grads)) ++uploads_;  // false: skipped (NaN/Inf)
   }
   std::uint64_t uploads() const override { return uploads_; }
 
@@ -128,7 +127,7 @@ class jointspar_method final : public method<Comm> {
   gcomp::layer_mask begin_step() override { return js_.begin_step(); }
   void step(Comm& comm, std::span<float> params, std::span<const float> grads,
             const gradient_fn&) override {
-    js_.finish_step(seq, comm, modules_, params, grads);
+    if (!js_.finish_step(seq, comm, modules_, params, grads)) return;  // skipped (NaN/Inf)
     active_ += js_.last_step().active_layers;
     ++uploads_;
   }
@@ -207,8 +206,7 @@ class divcomm_method final : public method<Comm> {
   divcomm_method(gcomp::divcomm<float, C> d, gcomp::layout lay) : d_(std::move(d)), lay_(std::move(lay)) {}
   void step(Comm& comm, std::span<float> params, std::span<const float> grads,
             const gradient_fn&) override {
-    d_.step(seq, comm, lay_, params, grads);
-    ++uploads_;
+    if (d_.step(seq, comm, lay_, params, grads)) ++uploads_;  // false: skipped (NaN/Inf)
   }
   void finish(Comm& comm, std::span<float> params) override { d_.finish(seq, comm, params); }
   std::uint64_t uploads() const override { return uploads_; }
