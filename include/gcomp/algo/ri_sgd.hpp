@@ -13,9 +13,11 @@
 #include "gcomp/aggregate/periodic_average.hpp"
 #include "gcomp/comm/stats.hpp"
 #include "gcomp/core/concepts.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/data/shard.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/optim/sgd.hpp"
 
 namespace gcomp {
@@ -47,7 +49,11 @@ struct ri_sgd_options {
 /// remove_worker(j) and from then on passes a communicator of the survivors
 /// only, in which worker plan().survivors()[r] has rank r; step() checks
 /// both. covered() says whether every sample is still held by a survivor,
-/// which one lost worker cannot break while mu * M >= 1.
+/// which one lost worker cannot break while mu * M >= 1. A worker that fails
+/// in the middle of an averaging round makes step() throw on the others with
+/// their parameters back at their values before the round; after
+/// remove_worker they call redo_average() with the survivors' communicator,
+/// which completes the round over the survivors.
 template <class T = float>
 class ri_sgd {
  public:
@@ -82,7 +88,10 @@ class ri_sgd {
   /// whether the parameters were averaged afterwards. comm must be the group
   /// of the remaining workers, this worker at rank plan().survivor_rank().
   /// Argument errors throw before params change; a collective that fails on
-  /// another rank throws after the local step.
+  /// another rank throws after the local step, with params restored to this
+  /// worker's values after it (the round may have written partial sums into
+  /// them) and the round pending: see redo_average(). Rounds keep a copy of
+  /// the parameters for that, in a buffer allocated at the first round.
   template <class Policy, class Comm>
     requires communicator<Comm, Policy, T> && gcomp::optimizer<sgd<T>, Policy, T>
   bool step(const Policy& policy, Comm& comm, const layout& lay, std::span<T> params,
@@ -90,12 +99,10 @@ class ri_sgd {
     constexpr std::string_view where = "gcomp::ri_sgd::step";
     require(plan_.active(worker_), where, "worker ", worker_,
             " was removed from the group and cannot step");
-    require(comm.size() == plan_.active_workers(), where, "comm has size ", comm.size(), " but ",
-            plan_.active_workers(),
-            " workers remain; pass the communicator of the remaining workers");
-    const int rank = plan_.survivor_rank(worker_);
-    require(comm.rank() == rank, where, "comm.rank() is ", comm.rank(), " but worker ", worker_,
-            " must have rank ", rank, " among the remaining workers");
+    require(!pending_, where,
+            "the averaging round of the last step failed and is pending; call redo_average with "
+            "the communicator of the remaining workers first");
+    check_comm(where, comm);
     lay.check_buffer(where, "params", params.size());
     check_same_size(where, "grads", grads.size(), "params", params.size());
     // One object trains one model; checked here so that a new size throws
@@ -104,8 +111,29 @@ class ri_sgd {
       check_same_size(where, "params", params.size(), "the parameters of earlier steps", size_);
     optimizer_.step(policy, lay, params, grads);
     size_ = params.size();
-    return averager_.step(policy, comm, params);
+    return average_or_restore(where, policy, comm, params);
   }
+
+  /// Completes the step whose averaging round failed (average_pending()):
+  /// averages params, which step() restored to this worker's values before
+  /// the round, over comm, which must be the communicator of the remaining
+  /// workers, as in step(). Every remaining worker must call it, after
+  /// remove_worker() for each worker that failed. If it fails again, the
+  /// round stays pending, with params restored again.
+  template <class Policy, class Comm>
+    requires communicator<Comm, Policy, T>
+  void redo_average(const Policy& policy, Comm& comm, std::span<T> params) {
+    constexpr std::string_view where = "gcomp::ri_sgd::redo_average";
+    require(pending_, where, "no averaging round is pending; step() did not fail in one");
+    require(plan_.active(worker_), where, "worker ", worker_,
+            " was removed from the group and cannot average");
+    check_comm(where, comm);
+    check_same_size(where, "params", params.size(), "the parameters of earlier steps", size_);
+    (void)average_or_restore(where, policy, comm, params);
+  }
+
+  /// Whether step() failed in its averaging round and redo_average() is due.
+  bool average_pending() const { return pending_; }
 
   /// Worker j left the group. Every survivor calls it (j may be this worker
   /// itself, which then stops stepping). Returns covered().
@@ -132,6 +160,48 @@ class ri_sgd {
   const periodic_average<T>& averager() const { return averager_; }
 
  private:
+  template <class Comm>
+  void check_comm(std::string_view where, const Comm& comm) const {
+    require(comm.size() == plan_.active_workers(), where, "comm has size ", comm.size(), " but ",
+            plan_.active_workers(),
+            " workers remain; pass the communicator of the remaining workers");
+    const int rank = plan_.survivor_rank(worker_);
+    require(comm.rank() == rank, where, "comm.rank() is ", comm.rank(), " but worker ", worker_,
+            " must have rank ", rank, " among the remaining workers");
+  }
+
+  // The averager's step, with the parameters saved before a round so that a
+  // round another worker's failure interrupts can be redone over the
+  // survivors. The averager counts the step only when it succeeds, so a
+  // failed round is still due when redone.
+  template <class Policy, class Comm>
+  bool average_or_restore(std::string_view where, const Policy& policy, Comm& comm,
+                          std::span<T> params) {
+    const std::size_t n = params.size();
+    const bool round = averager_.due();
+    if (round) {
+      if (backup_.size() != n) backup_.assign(policy, n, T(0), where);
+      backup_.check_serves(policy, where, "the saved parameters");
+      copy(policy, backup_.data(), params.data(), n);
+    }
+    try {
+      const bool averaged = averager_.step(policy, comm, params);
+      pending_ = false;
+      return averaged;
+    } catch (...) {
+      if (round) {
+        copy(policy, params.data(), backup_.data(), n);
+        pending_ = true;
+      }
+      throw;
+    }
+  }
+
+  template <class Policy>
+  static void copy(const Policy& policy, T* to, const T* from, std::size_t n) {
+    for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) { to[i] = from[i]; });
+  }
+
   ri_sgd_options options_;
   shard_plan plan_;
   int worker_;
@@ -140,6 +210,8 @@ class ri_sgd {
   periodic_average<T> averager_;
   std::vector<std::size_t> batch_;
   std::size_t size_ = 0;  // the parameters' size, fixed by the first step
+  policy_buffer<T> backup_;  // the parameters before the current round
+  bool pending_ = false;     // a round failed and awaits redo_average()
   std::uint64_t batch_step_ = static_cast<std::uint64_t>(-1);  // the step batch_ was drawn for
 };
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -27,7 +28,60 @@ class inproc_group;
 class inproc_comm;
 class inproc_request;
 
+/// Options of an inproc_group.
+struct inproc_options {
+  /// How long a rank blocked in a collective or in a request's wait() waits
+  /// for ranks that have not arrived before it declares them failed and
+  /// throws gcomp::error naming the operation, those ranks and the timeout.
+  /// It stands in for the failure detector a real cluster has: a worker that
+  /// crashed or hangs never reports, so only the clock can tell. The default,
+  /// 10 minutes (torch.distributed's), is far above any legitimate gap between
+  /// ranks' arrivals (a slow rank, a sanitizer build), and ranks that wait for
+  /// each other in a true deadlock are reported at once anyway; tests that
+  /// inject failures set milliseconds. no_timeout waits forever.
+  std::chrono::nanoseconds timeout = std::chrono::minutes(10);
+
+  static constexpr std::chrono::nanoseconds no_timeout = std::chrono::nanoseconds::max();
+};
+
+/// Where an injected failure (inproc_group::inject_failure) stops its rank
+/// inside the collective call it fails in.
+enum class inproc_fault_point {
+  /// On entry, before the call is published: the other ranks never see it and
+  /// time out waiting for the rank to enter the collective.
+  before_post,
+  /// After the call is published (its buffers are visible to the others, and
+  /// a non-blocking call is queued): the others start the collective, but the
+  /// failed rank never does its share nor returns, like a process that dies
+  /// mid-collective. The others' buffers are then partly reduced.
+  after_post
+};
+
 namespace detail {
+
+// Thrown on the thread of a rank stopped by an injected failure, once every
+// other rank of the run has finished, so that run() can join it. Not derived
+// from std::exception, so worker code that catches gcomp::error or
+// std::exception does not stop the unwinding; run() reports it.
+struct inproc_injected_failure {
+  int rank;
+};
+
+inline std::string inproc_rank_list(const std::vector<int>& ranks) {
+  std::string out = ranks.size() == 1 ? "rank " : "ranks ";
+  for (std::size_t i = 0; i < ranks.size(); ++i)
+    out += detail::concat(i == 0 ? "" : ", ", ranks[i]);
+  return out;
+}
+
+// "300 ms", "2 s", "1500 us": the largest unit that shows the value exactly.
+inline std::string inproc_duration_text(std::chrono::nanoseconds d) {
+  const auto n = d.count();
+  if (n % 1000000000 == 0) return detail::concat(n / 1000000000, " s");
+  if (n % 1000000 == 0) return detail::concat(n / 1000000, " ms");
+  if (n % 1000 == 0) return detail::concat(n / 1000, " us");
+  return detail::concat(n, " ns");
+}
 
 enum class inproc_op : unsigned char {
   none,
@@ -169,11 +223,22 @@ class inproc_state {
  public:
   enum class nb_outcome { pending, done, failed };
 
-  explicit inproc_state(int size)
+  // What run() learns when it ends.
+  struct run_end {
+    int culprit = -1;      // the rank whose exception broke the group, or -1
+    std::string injected;  // what the injected failures did, "" if none fired
+  };
+
+  inproc_state(int size, std::chrono::nanoseconds timeout)
       : size_(size),
+        timeout_(timeout),
         posts_(static_cast<std::size_t>(size)),
         status_(static_cast<std::size_t>(size), status::running),
         wait_seq_(static_cast<std::size_t>(size), 0),
+        calls_(static_cast<std::size_t>(size), 0),
+        armed_(static_cast<std::size_t>(size)),
+        faults_(static_cast<std::size_t>(size)),
+        fired_(static_cast<std::size_t>(size)),
         nb_queue_(static_cast<std::size_t>(size)),
         nb_head_(static_cast<std::size_t>(size), 0),
         nb_posted_(static_cast<std::size_t>(size), 0),
@@ -192,23 +257,45 @@ class inproc_state {
   }
 
   int size() const { return size_; }
+  // The group that owns this state, for shrink(); set once, before any rank runs.
+  inproc_group* owner() const { return owner_; }
+  void set_owner(inproc_group* owner) { owner_ = owner; }
   const inproc_post& post(int rank) const { return posts_[static_cast<std::size_t>(rank)]; }
 
   // Opening phase of a collective: publishes `p` and waits for every rank.
   // The last to arrive checks all posts; if they disagree, every rank throws
   // the same message before any buffer is touched.
+  //
+  // A rank that has not arrived within the timeout is declared failed. A rank
+  // with an injected failure parks here, before or after publishing its post.
   void open(int rank, std::string_view where, const inproc_post& p) {
     std::unique_lock lock(mutex_);
+    const fault_state fault = take_fault(rank, p.op);
+    if (fault == fault_state::before_post || (fault == fault_state::after_post && broken_))
+      park(lock, rank);
     throw_if_broken(lock, where);
     posts_[static_cast<std::size_t>(rank)] = p;
     const std::uint64_t generation = generation_;
     if (++arrived_ == size_) {
       validate_posts();
       release();
+      if (fault == fault_state::after_post) park(lock, rank);
     } else {
+      // Counted as arrived, so the others start without it, but it never
+      // does its share: they wait for it in the closing phase.
+      if (fault == fault_state::after_post) park(lock, rank);
       status_[static_cast<std::size_t>(rank)] = status::in_collective;
       check_deadlock();
-      sync_cv_.wait(lock, [&] { return generation_ != generation || broken_; });
+      const bool settled =
+          wait_within(sync_cv_, lock, [&] { return generation_ != generation || broken_; });
+      if (!settled) {
+        std::vector<int> missing, waiting;
+        for (std::size_t r = 0; r < status_.size(); ++r)
+          (status_[r] == status::in_collective ? waiting : missing).push_back(static_cast<int>(r));
+        declare_failed(missing, detail::concat(inproc_rank_list(missing), " did not enter ",
+                                               inproc_op_name(p.op), " (",
+                                               inproc_rank_list(waiting), " did)"));
+      }
       if (generation_ == generation) {
         status_[static_cast<std::size_t>(rank)] = status::running;
         throw_broken(lock, where);
@@ -222,17 +309,42 @@ class inproc_state {
   }
 
   // Closing phase: nobody leaves until every rank has finished reading and
-  // writing the others' buffers. It ignores a broken group on purpose: every
-  // rank passed the opening phase and none can fail in between, so all will
-  // arrive, and leaving early would free buffers others still use.
-  void close(int rank) {
+  // writing the others' buffers. Only a rank stopped by an injected failure
+  // (parked in the opening phase) can miss it: every other rank passed the
+  // opening phase and runs nothing but the library's copies until it gets
+  // here. So once the timeout has passed, the ranks still missing when all
+  // the others are here are declared failed, and the others leave, throwing:
+  // their buffers are no longer used by anyone (the parked ranks never
+  // touch them), and the result lacks the failed ranks' shares.
+  void close(int rank, std::string_view where) {
     std::unique_lock lock(mutex_);
     const std::uint64_t generation = generation_;
     if (++arrived_ == size_) {
       release();
-    } else {
-      status_[static_cast<std::size_t>(rank)] = status::in_collective;
-      sync_cv_.wait(lock, [&] { return generation_ != generation; });
+      return;
+    }
+    const auto r = static_cast<std::size_t>(rank);
+    status_[r] = status::in_collective;
+    if (parked_ != 0 && arrived_ + parked_ == size_) sync_cv_.notify_all();  // see below
+    auto settled = [&] {
+      return generation_ != generation || (broken_ && arrived_ + parked_ == size_);
+    };
+    if (!wait_within(sync_cv_, lock, settled)) {
+      // Past the deadline, the last rank still able to arrive wakes us (above).
+      sync_cv_.wait(lock, [&] { return settled() || arrived_ + parked_ == size_; });
+      if (!settled()) {
+        std::vector<int> missing, waiting;
+        for (std::size_t j = 0; j < status_.size(); ++j)
+          (status_[j] == status::in_collective ? waiting : missing).push_back(static_cast<int>(j));
+        declare_failed(missing, detail::concat(inproc_rank_list(missing), " entered ",
+                                               inproc_op_name(posts_[r].op),
+                                               " but did not finish it (",
+                                               inproc_rank_list(waiting), " did)"));
+      }
+    }
+    if (generation_ == generation) {
+      status_[r] = status::running;
+      throw_broken(lock, where);
     }
   }
 
@@ -240,6 +352,9 @@ class inproc_state {
   std::pair<std::uint64_t, std::uint64_t> post_nb(int rank, std::string_view where,
                                                   const inproc_nb_post& p) {
     std::unique_lock lock(mutex_);
+    const fault_state fault = take_fault(rank, inproc_op::iallreduce_sum);
+    if (fault == fault_state::before_post || (fault == fault_state::after_post && broken_))
+      park(lock, rank);
     throw_if_broken(lock, where);
     // Started lazily so groups that never use non-blocking calls own no extra thread.
     if (!progress_.joinable()) progress_ = std::thread([this] { progress_loop(); });
@@ -247,6 +362,9 @@ class inproc_state {
     nb_queue_[r].push_back(p);  // capacity is reused once the queue has drained
     const std::uint64_t seq = nb_posted_[r]++;
     if (nb_ready()) progress_cv_.notify_one();
+    // Queued: the call completes once the others post theirs, into a buffer
+    // that stays valid because the parked thread's stack is not unwound yet.
+    if (fault == fault_state::after_post) park(lock, rank);
     return {epoch_, seq};
   }
 
@@ -275,7 +393,19 @@ class inproc_state {
       status_[r] = status::in_wait;
       wait_seq_[r] = seq;
       check_deadlock();
-      done_cv_.wait(lock, settled);
+      if (!wait_within(done_cv_, lock, settled)) {
+        // Calls complete in order, so a rank that has not posted call `seq`
+        // is what holds it up; when all have, the reduction is running and
+        // will finish.
+        std::vector<int> missing;
+        for (std::size_t j = 0; j < nb_posted_.size(); ++j)
+          if (nb_posted_[j] <= seq) missing.push_back(static_cast<int>(j));
+        if (!missing.empty() && !broken_)
+          declare_failed(missing, detail::concat(inproc_rank_list(missing),
+                                                 " did not post non-blocking call #", seq,
+                                                 " (rank ", rank, " waited for it)"));
+        done_cv_.wait(lock, settled);
+      }
       status_[r] = status::running;
     }
     if (nb_completed_ > seq) {
@@ -306,8 +436,14 @@ class inproc_state {
     broken_ = false;
     broken_rank_ = -1;
     broken_message_.clear();
+    failed_.clear();
     arrived_ = 0;
+    parked_ = 0;
     std::fill(status_.begin(), status_.end(), status::running);
+    std::fill(calls_.begin(), calls_.end(), std::uint64_t{0});
+    faults_ = armed_;  // armed for this run only
+    std::fill(armed_.begin(), armed_.end(), fault{});
+    std::fill(fired_.begin(), fired_.end(), fired{});
     for (auto& q : nb_queue_) q.clear();
     std::fill(nb_head_.begin(), nb_head_.end(), std::size_t{0});
     std::fill(nb_posted_.begin(), nb_posted_.end(), std::uint64_t{0});
@@ -316,40 +452,159 @@ class inproc_state {
     ++epoch_;  // requests of an earlier run can no longer match this run's calls
   }
 
-  // Returns the rank whose failure broke the group, or -1.
-  int end_run() {
+  run_end end_run() {
     std::lock_guard lock(mutex_);
     running_ = false;
     // Threads the user starts later are not the ones that returned.
     std::fill(status_.begin(), status_.end(), status::running);
-    return broken_ ? broken_rank_ : -1;
+    std::fill(faults_.begin(), faults_.end(), fault{});  // unfired ones expire with the run
+    run_end end;
+    end.culprit = broken_ ? broken_rank_ : -1;
+    for (std::size_t r = 0; r < fired_.size(); ++r) {
+      const fired& f = fired_[r];
+      if (!f.fired) continue;
+      end.injected += detail::concat(end.injected.empty() ? "" : "; ", "worker ", r,
+                                     " was stopped silently by an injected failure in ",
+                                     inproc_op_name(f.op), ", its collective call #", f.call, ", ",
+                                     f.point == inproc_fault_point::before_post
+                                         ? "before posting it"
+                                         : "after posting it");
+    }
+    if (!end.injected.empty())
+      end.injected += broken_ ? detail::concat("; the others saw: ", broken_message_)
+                              : std::string("; the others finished without waiting for it");
+    return end;
   }
 
   void worker_finished(int rank) {
     std::lock_guard lock(mutex_);
     status_[static_cast<std::size_t>(rank)] = status::finished;
     check_deadlock();
+    park_cv_.notify_all();
   }
 
   void worker_failed(int rank, std::string_view what) {
     std::lock_guard lock(mutex_);
     status_[static_cast<std::size_t>(rank)] = status::finished;
     if (!broken_) break_group(rank, detail::concat("worker ", rank, " failed: ", what));
+    park_cv_.notify_all();
   }
 
-  void fail_start(std::string_view what) {
+  // A parked rank's thread has unwound (detail::inproc_injected_failure).
+  void worker_stopped(int rank) {
     std::lock_guard lock(mutex_);
+    status_[static_cast<std::size_t>(rank)] = status::finished;
+    --parked_;
+  }
+
+  // Ranks from `started` on have no thread: they count as finished, so that
+  // no parked rank waits for them.
+  void fail_start(std::string_view what, int started) {
+    std::lock_guard lock(mutex_);
+    for (int r = started; r < size_; ++r) status_[static_cast<std::size_t>(r)] = status::finished;
     if (!broken_) break_group(-1, detail::concat("could not start the worker threads: ", what));
+    park_cv_.notify_all();
+  }
+
+  // Fault injection and failures -------------------------------------------
+
+  void arm(int rank, std::uint64_t call, inproc_fault_point point) {
+    constexpr std::string_view where = "gcomp::inproc_group::inject_failure";
+    std::lock_guard lock(mutex_);
+    require(!running_, where,
+            "cannot arm a failure while run() is in progress; arm it before the run");
+    fault& f = armed_[static_cast<std::size_t>(rank)];
+    require(!f.armed, where, "rank ", rank,
+            " already has a failure armed, at its collective call #", f.call);
+    f = fault{true, call, point};
+  }
+
+  // The ranks declared failed (ascending): the one whose exception broke the
+  // group, or those a timeout found missing. Empty if not broken, or broken
+  // by a deadlock or mismatch that no rank's failure caused.
+  std::vector<int> failed() const {
+    std::lock_guard lock(mutex_);
+    return failed_;
   }
 
  private:
-  enum class status : unsigned char { running, in_collective, in_wait, finished };
+  enum class status : unsigned char { running, in_collective, in_wait, finished, parked };
 
   struct nb_failure {
     std::uint64_t seq;
     std::string message;
     int observed;
   };
+
+  enum class fault_state { none, before_post, after_post };
+
+  struct fault {
+    bool armed = false;
+    std::uint64_t call = 0;
+    inproc_fault_point point = inproc_fault_point::after_post;
+  };
+
+  struct fired {
+    bool fired = false;
+    inproc_op op = inproc_op::none;
+    std::uint64_t call = 0;
+    inproc_fault_point point = inproc_fault_point::after_post;
+  };
+
+  // Caller holds the lock. Counts the rank's collective call and says
+  // whether an injected failure stops it there (only inside run()).
+  fault_state take_fault(int rank, inproc_op op) {
+    const auto r = static_cast<std::size_t>(rank);
+    const std::uint64_t call = calls_[r]++;
+    fault& f = faults_[r];
+    if (!running_ || !f.armed || f.call != call) return fault_state::none;
+    f.armed = false;
+    fired_[r] = fired{true, op, call, f.point};
+    return f.point == inproc_fault_point::before_post ? fault_state::before_post
+                                                      : fault_state::after_post;
+  }
+
+  // Caller holds the lock. The rank stops as a crashed or hung worker would:
+  // it never reports and never returns, so the others find out only by the
+  // timeout. When every other rank of the run has finished, it unwinds so
+  // that run() can join it; by then no reduction reads its buffers.
+  [[noreturn]] void park(std::unique_lock<std::mutex>& lock, int rank) {
+    status_[static_cast<std::size_t>(rank)] = status::parked;
+    ++parked_;
+    sync_cv_.notify_all();  // closing phases count parked ranks
+    park_cv_.wait(lock, [&] {
+      if (nb_processing_) return false;
+      for (status s : status_)
+        if (s != status::finished && s != status::parked) return false;
+      return true;
+    });
+    lock.unlock();
+    throw inproc_injected_failure{rank};
+  }
+
+  // Caller holds the lock. Waits on cv until pred holds or the timeout has
+  // passed since the call; returns pred().
+  template <class Pred>
+  bool wait_within(std::condition_variable& cv, std::unique_lock<std::mutex>& lock, Pred pred) {
+    using clock = std::chrono::steady_clock;
+    const clock::time_point now = clock::now();
+    // A timeout that would overflow the clock is no timeout.
+    if (timeout_ >= std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        clock::time_point::max() - now)) {
+      cv.wait(lock, pred);
+      return true;
+    }
+    return cv.wait_until(lock, now + std::chrono::duration_cast<clock::duration>(timeout_), pred);
+  }
+
+  // Caller holds the lock. A timeout found `missing` absent: they count as
+  // failed, and everyone waiting throws.
+  void declare_failed(std::vector<int> missing, std::string what) {
+    break_group(-1, detail::concat("timed out after ", inproc_duration_text(timeout_), ": ",
+                                   what, "; ", missing.size() == 1 ? "it counts" : "they count",
+                                   " as failed"));
+    failed_ = std::move(missing);
+  }
 
   void release() {
     arrived_ = 0;
@@ -369,11 +624,14 @@ class inproc_state {
     throw error(message);
   }
 
-  // Caller holds the lock.
+  // Caller holds the lock. A rank >= 0 failed (it threw) and is the one
+  // rank declared failed.
   void break_group(int rank, std::string message) {
     broken_ = true;
     broken_rank_ = rank;
     broken_message_ = std::move(message);
+    failed_.clear();
+    if (rank >= 0) failed_.push_back(rank);
     sync_cv_.notify_all();
     done_cv_.notify_all();
     progress_cv_.notify_all();
@@ -385,12 +643,15 @@ class inproc_state {
     return true;
   }
 
+  // A parked rank is not stuck: from the outside it is indistinguishable from
+  // a rank that is busy, which only the timeout can tell from a failed one.
   bool stuck(std::size_t r) const {
     switch (status_[r]) {
       case status::in_collective:
       case status::finished: return true;
       case status::in_wait: return nb_completed_ <= wait_seq_[r];
-      case status::running: break;
+      case status::running:
+      case status::parked: break;
     }
     return false;
   }
@@ -552,15 +813,19 @@ class inproc_state {
       }
       ++nb_completed_;
       done_cv_.notify_all();
+      if (parked_ != 0) park_cv_.notify_all();  // a parked rank waits for no reduction in flight
       check_deadlock();
     }
   }
 
   const int size_;
-  std::mutex mutex_;
+  const std::chrono::nanoseconds timeout_;
+  inproc_group* owner_ = nullptr;
+  mutable std::mutex mutex_;
   std::condition_variable sync_cv_;      // collective phases
   std::condition_variable done_cv_;      // non-blocking completions
   std::condition_variable progress_cv_;  // the progress thread
+  std::condition_variable park_cv_;      // ranks stopped by injected failures
 
   // Blocking collectives: a two-phase rendezvous counted by generation.
   std::vector<inproc_post> posts_;
@@ -574,7 +839,16 @@ class inproc_state {
   bool broken_ = false;
   int broken_rank_ = -1;
   std::string broken_message_;
+  std::vector<int> failed_;
   bool running_ = false;
+
+  // Injected failures: armed_ for the next run, faults_ for this one; calls_
+  // counts each rank's collective calls in this run.
+  std::vector<std::uint64_t> calls_;
+  std::vector<fault> armed_;
+  std::vector<fault> faults_;
+  std::vector<fired> fired_;
+  int parked_ = 0;
 
   // Non-blocking calls: per-rank FIFO queues; call k of every rank is
   // completed together, so one counter says which calls are done.
@@ -690,7 +964,7 @@ class inproc_comm {
     const auto [lo, hi] = detail::inproc_chunk(data.size(), m, rank_);
     detail::inproc_reduce_range<T>(
         m, [this](int j) { return static_cast<T*>(state_->post(j).data); }, lo, hi);
-    state_->close(rank_);
+    state_->close(rank_, where);
     count(data.size_bytes(), data.size_bytes());
   }
 
@@ -711,7 +985,7 @@ class inproc_comm {
     if (n != 0)
       for (int j = 0; j < size(); ++j)
         std::memcpy(out.data() + static_cast<std::size_t>(j) * n, state_->post(j).in, n);
-    state_->close(rank_);
+    state_->close(rank_, where);
     count(n, static_cast<std::uint64_t>(size() - 1) * n);
   }
 
@@ -749,7 +1023,7 @@ class inproc_comm {
     } catch (...) {
       failure = std::current_exception();
     }
-    state_->close(rank_);
+    state_->close(rank_, where);
     if (failure) std::rethrow_exception(failure);
     count(in.size(), total - in.size());
   }
@@ -769,7 +1043,7 @@ class inproc_comm {
     state_->open(rank_, where, p);
     if (rank_ != root && !data.empty())
       std::memcpy(static_cast<void*>(data.data()), state_->post(root).data, data.size_bytes());
-    state_->close(rank_);
+    state_->close(rank_, where);
     if (rank_ == root) count(data.size_bytes(), 0);
     else count(0, data.size_bytes());
   }
@@ -807,6 +1081,20 @@ class inproc_comm {
   /// Traffic of this rank since construction or reset_stats(); see comm_stats.
   comm_stats stats() const { return stats_; }
   void reset_stats() { stats_ = {}; }
+
+  /// The ranks of this group declared failed, ascending: the worker whose
+  /// exception broke the group, or the ranks a timeout found missing (see
+  /// inproc_options::timeout). Empty while the group is whole, and when it
+  /// was broken by something no rank's failure caused (a deadlock).
+  std::vector<int> failed_ranks() const { return state_->failed(); }
+
+  /// The communicator of the survivors, like MPI ULFM's MPI_Comm_shrink: a
+  /// group of the ranks not in failed_ranks(), in the same order (survivor r
+  /// has the r-th smallest old rank), with the same options. Every survivor
+  /// gets its own handle on the same new group, whichever calls first; it
+  /// lives until the next run() of this group or the group's end. Throws
+  /// gcomp::error if no rank has failed or this rank is one of the failed.
+  inline inproc_comm& shrink();
 
  private:
   friend class inproc_group;
@@ -855,9 +1143,17 @@ inline bool inproc_request::finish(std::string_view where, bool block) {
 /// handle is comm(rank). Tests and demos use it to run a distributed
 /// algorithm without MPI. Not copyable or movable (the handles point into it);
 /// it must outlive every request its handles issued.
+///
+/// Failures: a worker that throws breaks the group at once (see run()); one
+/// that fails silently (crashed, hung) is declared failed by the others after
+/// options().timeout. inject_failure() makes a worker fail silently at an
+/// exact point, so tests of what the survivors do (inproc_comm::shrink) are
+/// deterministic.
 class inproc_group {
  public:
-  explicit inproc_group(int size) : state_(make_state(size)) {
+  explicit inproc_group(int size, inproc_options options = {})
+      : options_(options), state_(make_state(size, options)) {
+    state_->set_owner(this);
     comms_.reserve(static_cast<std::size_t>(size));
     for (int r = 0; r < size; ++r) comms_.push_back(inproc_comm(state_.get(), r));
   }
@@ -865,6 +1161,29 @@ class inproc_group {
   inproc_group& operator=(const inproc_group&) = delete;
 
   int size() const { return state_->size(); }
+  const inproc_options& options() const { return options_; }
+
+  /// Arms a silent failure for the next run(): rank `rank` stops at its
+  /// collective call number `call` of that run (0-based, counting
+  /// allreduce_sum, allgather, allgatherv, broadcast, barrier and
+  /// iallreduce_sum calls; waits are not calls), at `point`, and from then on
+  /// neither returns nor reports, like a crashed process. The others get
+  /// gcomp::error from the collective or wait they block in once
+  /// options().timeout has passed, naming the operation, the missing rank(s)
+  /// and the timeout. The stopped thread is released to unwind when every
+  /// other worker of the run has finished (it throws an internal type that
+  /// `catch (const std::exception&)` does not catch: never swallow it with
+  /// `catch (...)`), and run() then reports the failure. The failure fires
+  /// at most once and expires with the run; several ranks may have one each.
+  /// Calls made outside run() (from threads the caller starts) never fail.
+  void inject_failure(int rank, std::uint64_t call,
+                      inproc_fault_point point = inproc_fault_point::after_post) {
+    constexpr std::string_view where = "gcomp::inproc_group::inject_failure";
+    check_in_half_open(where, "rank", rank, 0, size());
+    require(point == inproc_fault_point::before_post || point == inproc_fault_point::after_post,
+            where, "point must be before_post or after_post, got ", static_cast<int>(point));
+    state_->arm(rank, call, point);
+  }
 
   inproc_comm& comm(int rank) {
     check_in_half_open("gcomp::inproc_group::comm", "rank", rank, 0, size());
@@ -882,22 +1201,37 @@ class inproc_group {
   /// later entering, a collective or a wait throws gcomp::error("...worker R
   /// failed: <what>") instead of hanging, and so does a set of ranks that can
   /// no longer make progress (mismatched calls, a worker that returned early:
-  /// "deadlock: ..."). After joining, run() rethrows the exception of the
-  /// worker that broke the group, which is the original cause; if none did,
-  /// the exception of the lowest rank that threw. Each run() starts with a
-  /// healed group, so a group can be reused after a failed run.
+  /// "deadlock: ..."), and so do ranks that waited options().timeout for
+  /// ranks that never came ("...timed out after T: rank R did not enter
+  /// allreduce_sum..."). After joining, run() rethrows the exception of the
+  /// worker that broke the group, which is the original cause; else, if an
+  /// injected failure fired, it throws gcomp::error("gcomp::inproc_group::run:
+  /// worker R was stopped silently by an injected failure in <operation>...;
+  /// the others saw: <their error>"), adding what the lowest other rank that
+  /// threw said; else it rethrows the exception of the lowest rank that threw.
+  /// Each run() starts with a healed group (and drops the survivors' group of
+  /// an earlier shrink()), so a group can be reused after a failed run.
   template <class F>
   void run(F&& f) {
-    state_->begin_run();
+    state_->begin_run();  // throws if a run is in progress, which may use the survivors' group
+    {
+      std::lock_guard lock(successor_mutex_);
+      successor_.reset();
+    }
     const auto n = static_cast<std::size_t>(size());
     std::vector<std::exception_ptr> errors(n);
+    std::vector<char> stopped(n, 0);  // stopped by an injected failure
     auto body = [&](int r) {
+      const auto i = static_cast<std::size_t>(r);
       try {
-        f(comms_[static_cast<std::size_t>(r)]);
+        f(comms_[i]);
         state_->worker_finished(r);
+      } catch (const detail::inproc_injected_failure&) {
+        stopped[i] = 1;
+        state_->worker_stopped(r);
       } catch (...) {
-        errors[static_cast<std::size_t>(r)] = std::current_exception();
-        state_->worker_failed(r, describe(errors[static_cast<std::size_t>(r)]));
+        errors[i] = std::current_exception();
+        state_->worker_failed(r, describe(errors[i]));
       }
     };
     std::vector<std::thread> threads;
@@ -905,23 +1239,52 @@ class inproc_group {
       threads.reserve(n);
       for (int r = 0; r < size(); ++r) threads.emplace_back(body, r);
     } catch (const std::exception& e) {
-      state_->fail_start(e.what());
+      state_->fail_start(e.what(), static_cast<int>(threads.size()));
       for (auto& t : threads) t.join();
       state_->end_run();
       throw;
     }
     for (auto& t : threads) t.join();
-    const int culprit = state_->end_run();
-    if (culprit >= 0 && errors[static_cast<std::size_t>(culprit)])
-      std::rethrow_exception(errors[static_cast<std::size_t>(culprit)]);
+    const detail::inproc_state::run_end end = state_->end_run();
+    if (end.culprit >= 0 && !stopped[static_cast<std::size_t>(end.culprit)] &&
+        errors[static_cast<std::size_t>(end.culprit)])
+      std::rethrow_exception(errors[static_cast<std::size_t>(end.culprit)]);
+    if (!end.injected.empty()) {
+      std::string message = end.injected;
+      for (std::size_t r = 0; r < n; ++r) {
+        if (!errors[r]) continue;
+        message += detail::concat("; worker ", r, " threw: ", describe(errors[r]));
+        break;
+      }
+      fail("gcomp::inproc_group::run", message);
+    }
     for (auto& e : errors)
       if (e) std::rethrow_exception(e);
   }
 
  private:
-  static std::unique_ptr<detail::inproc_state> make_state(int size) {
-    check_positive("gcomp::inproc_group::inproc_group", "size", size);
-    return std::make_unique<detail::inproc_state>(size);
+  friend class inproc_comm;
+
+  static std::unique_ptr<detail::inproc_state> make_state(int size,
+                                                          const inproc_options& options) {
+    constexpr std::string_view where = "gcomp::inproc_group::inproc_group";
+    check_positive(where, "size", size);
+    require(options.timeout > std::chrono::nanoseconds::zero(), where,
+            "options.timeout must be > 0 (inproc_options::no_timeout waits forever), got ",
+            detail::inproc_duration_text(options.timeout));
+    return std::make_unique<detail::inproc_state>(size, options.timeout);
+  }
+
+  // The handle of survivor `rank` (a rank of this group) on the group of the
+  // ranks not in `failed`, created by the first survivor to ask.
+  inproc_comm& survivor(int rank, const std::vector<int>& failed) {
+    std::lock_guard lock(successor_mutex_);
+    if (!successor_)
+      successor_ = std::make_unique<inproc_group>(size() - static_cast<int>(failed.size()),
+                                                  options_);
+    int below = 0;  // failed ranks before this one
+    for (int f : failed) below += f < rank ? 1 : 0;
+    return successor_->comms_[static_cast<std::size_t>(rank - below)];
   }
 
   static std::string describe(const std::exception_ptr& e) {
@@ -934,8 +1297,23 @@ class inproc_group {
     }
   }
 
+  inproc_options options_;
   std::unique_ptr<detail::inproc_state> state_;
   std::vector<inproc_comm> comms_;
+  std::mutex successor_mutex_;  // survivors call shrink() concurrently
+  std::unique_ptr<inproc_group> successor_;
 };
+
+inline inproc_comm& inproc_comm::shrink() {
+  constexpr std::string_view where = "gcomp::inproc_comm::shrink";
+  const std::vector<int> failed = state_->failed();
+  require(!failed.empty(), where,
+          "no rank of this group has failed (failed_ranks() is empty), so there are no survivors "
+          "to shrink to");
+  for (int f : failed)
+    require(f != rank_, where, "rank ", rank_, " was declared failed (failed_ranks() is ",
+            detail::inproc_rank_list(failed), "); only survivors can shrink");
+  return state_->owner()->survivor(rank_, failed);
+}
 
 }  // namespace gcomp

@@ -5,15 +5,20 @@
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <climits>
+#include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -51,6 +56,22 @@ struct mpi_options {
   /// elements (bytes for allgather, allgatherv and broadcast). Must be in
   /// [1, INT_MAX]; tests lower it to exercise the splitting on small buffers.
   std::size_t max_count = static_cast<std::size_t>(INT_MAX);
+  /// How long a blocking collective (all its MPI calls together) or a
+  /// request's wait() may take before this rank gives up with gcomp::error
+  /// naming the operation and the timeout, instead of hanging for a rank that
+  /// failed, hangs or made another call. no_timeout (the default) uses MPI's
+  /// blocking calls; any other value (> 0) uses their non-blocking forms
+  /// (MPI_Iallreduce, MPI_Ialltoallv, MPI_Iallgather(v), MPI_Ibcast,
+  /// MPI_Ibarrier), polled with MPI_Testall until the deadline: the same
+  /// data and byte counts, though native sums may differ in the last bits
+  /// from the blocking MPI_Allreduce's (rank_ordered sums do not). A timed-out
+  /// operation cannot be cancelled: it stays pending and owns its buffers,
+  /// so the communicator refuses every later call and, when destroyed, leaks
+  /// its state rather than free memory MPI may still write. The job should
+  /// end: see mpi_abort_on_exception.
+  std::chrono::nanoseconds timeout = no_timeout;
+
+  static constexpr std::chrono::nanoseconds no_timeout = std::chrono::nanoseconds::max();
 };
 
 namespace detail {
@@ -67,6 +88,47 @@ inline std::string mpi_error_text(int code) {
 template <class... What>
 void mpi_check(int code, std::string_view where, const What&... what) {
   if (code != MPI_SUCCESS) fail(where, what..., " failed: ", mpi_error_text(code));
+}
+
+// "300 ms", "2 s", "1500 us": the largest unit that shows the value exactly.
+inline std::string mpi_duration_text(std::chrono::nanoseconds d) {
+  const auto n = d.count();
+  if (n % 1000000000 == 0) return concat(n / 1000000000, " s");
+  if (n % 1000000 == 0) return concat(n / 1000000, " ms");
+  if (n % 1000 == 0) return concat(n / 1000, " us");
+  return concat(n, " ns");
+}
+
+// Now + timeout, or the clock's end where that would overflow.
+inline std::chrono::steady_clock::time_point mpi_deadline(std::chrono::nanoseconds timeout) {
+  using clock = std::chrono::steady_clock;
+  const clock::time_point now = clock::now();
+  const clock::duration left = clock::time_point::max() - now;
+  if (timeout >= std::chrono::duration_cast<std::chrono::nanoseconds>(left))
+    return clock::time_point::max();
+  return now + std::chrono::duration_cast<clock::duration>(timeout);
+}
+
+// What every timeout message ends with.
+inline constexpr const char* mpi_timeout_advice =
+    ": another rank failed, hangs or made a different call. The operation stays pending and owns "
+    "its buffers, so this communicator cannot be used again: end the job (MPI_Abort; see "
+    "gcomp::mpi_abort_on_exception)";
+
+// Polls n requests with MPI_Testall until they complete (true, with MPI's
+// code in `code`) or the deadline passes (false). It yields at first, for
+// short waits, then sleeps briefly between polls, so that a rank waiting
+// long does not take a core from the ranks it waits for.
+inline bool mpi_test_until(MPI_Request* requests, int n,
+                           std::chrono::steady_clock::time_point deadline, int& code) {
+  for (int polls = 0;; ++polls) {
+    int done = 0;
+    code = MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE);
+    if (code != MPI_SUCCESS || done) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    if (polls < 64) std::this_thread::yield();
+    else std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
 }
 
 // The element types mpi_comm sums, with the MPI datatype and a code that lets
@@ -204,15 +266,30 @@ struct mpi_state {
   mpi_options options;
   comm_stats stats;
   // Reused from call to call so that steady-state calls do not allocate.
+  // Everything MPI reads or writes during a collective lives here, not on
+  // the stack, so that an operation a timeout abandons never touches freed
+  // memory (the user's buffers aside).
   std::vector<std::byte> scratch;
   std::vector<std::uint64_t> sizes;
   std::vector<int> counts, displs, send_counts, send_displs;
+  std::array<long long, 9> agreement{};  // check_across_ranks
+  std::uint64_t own_size = 0;            // allgatherv's size exchange
+
+  // Timeouts: the deadline of the collective in progress; once one timed
+  // out, what happened, and the operations (and request scratch) it left
+  // pending, kept so that nothing MPI may still use is freed.
+  std::chrono::steady_clock::time_point deadline;
+  std::string timed_out;
+  std::vector<MPI_Request> abandoned;
+  std::vector<std::vector<std::byte>> abandoned_scratch;
 
   mpi_state() = default;
   mpi_state(const mpi_state&) = delete;
   mpi_state& operator=(const mpi_state&) = delete;
   ~mpi_state() {
-    if (comm == MPI_COMM_NULL) return;
+    // A pending operation may still use the duplicate; MPI_Abort or
+    // MPI_Finalize will take it.
+    if (comm == MPI_COMM_NULL || !timed_out.empty()) return;
     int finalized = 1;
     MPI_Finalized(&finalized);
     if (!finalized) MPI_Comm_free(&comm);  // after MPI_Finalize the duplicate is gone anyway
@@ -271,7 +348,11 @@ class mpi_request {
     if (!state_) return true;
     const int n = static_cast<int>(more_.empty() ? 1 : more_.size());
     int code = MPI_SUCCESS;
-    if (block) {
+    const std::chrono::nanoseconds timeout = state_->options.timeout;
+    if (block && timeout != mpi_options::no_timeout) {
+      if (!detail::mpi_test_until(handles(), n, detail::mpi_deadline(timeout), code))
+        give_up(where, timeout);
+    } else if (block) {
       code = MPI_Waitall(n, handles(), MPI_STATUSES_IGNORE);
     } else {
       int done = 0;
@@ -280,8 +361,9 @@ class mpi_request {
     }
     // Whatever MPI said, this request is over: never wait on it again.
     detail::mpi_state* state = std::exchange(state_, nullptr);
-    detail::mpi_check(code, where, block ? "MPI_Waitall" : "MPI_Testall", " on an iallreduce_sum of ",
-                      count_, " elements");
+    const bool waited = block && timeout == mpi_options::no_timeout;
+    detail::mpi_check(code, where, waited ? "MPI_Waitall" : "MPI_Testall",
+                      " on an iallreduce_sum of ", count_, " elements");
     if (sum_) sum_(scratch_.data(), data_, count_, state->size, max_count_);
     state->count(bytes_, bytes_);
     return true;
@@ -294,6 +376,22 @@ class mpi_request {
     } catch (...) {  // a destructor cannot report; wait() is the place to see errors
     }
     state_ = nullptr;
+  }
+
+  // The call did not complete in time: the communicator keeps what MPI may
+  // still write (the handles, the gathered scratch) and refuses later calls.
+  [[noreturn]] void give_up(std::string_view where, std::chrono::nanoseconds timeout) {
+    detail::mpi_state* state = std::exchange(state_, nullptr);
+    MPI_Request* h = handles();
+    state->abandoned.insert(state->abandoned.end(), h, h + (more_.empty() ? 1 : more_.size()));
+    if (!scratch_.empty()) state->abandoned_scratch.push_back(std::move(scratch_));
+    const std::string what =
+        detail::concat("the iallreduce_sum of ", count_,
+                       " elements did not complete within the timeout of ",
+                       detail::mpi_duration_text(timeout), " on rank ", state->rank, " of ",
+                       state->size);
+    state->timed_out = detail::concat(where, ": ", what);
+    fail(where, what, detail::mpi_timeout_advice);
   }
 
   void take(mpi_request& other) noexcept {
@@ -338,9 +436,20 @@ class mpi_comm {
  public:
   explicit mpi_comm(MPI_Comm comm, mpi_options options = {}) : state_(make_state(comm, options)) {}
   mpi_comm(mpi_comm&&) noexcept = default;
-  mpi_comm& operator=(mpi_comm&&) noexcept = default;
+  mpi_comm& operator=(mpi_comm&& other) noexcept {
+    if (this != &other) {
+      leak_if_timed_out();
+      state_ = std::move(other.state_);
+    }
+    return *this;
+  }
   mpi_comm(const mpi_comm&) = delete;
   mpi_comm& operator=(const mpi_comm&) = delete;
+  ~mpi_comm() { leak_if_timed_out(); }
+
+  /// Whether a collective or a wait timed out (mpi_options::timeout); the
+  /// communicator then refuses every call.
+  bool timed_out() const { return !state_->timed_out.empty(); }
 
   int rank() const { return state_->rank; }
   int size() const { return state_->size; }
@@ -357,6 +466,7 @@ class mpi_comm {
                   "other than bool");
     constexpr std::string_view where = "gcomp::mpi_comm::allreduce_sum";
     using S = detail::mpi_sum_type<std::remove_cv_t<T>>;
+    begin(where);
     agree(where, {detail::mpi_op::allreduce_sum, S::code, to_ll(data.size()), 0, true}, {});
     detail::mpi_state& s = *state_;
     const std::size_t max = s.options.max_count;
@@ -365,10 +475,19 @@ class mpi_comm {
     } else {
       for (std::size_t begin = 0, k = 0; k < detail::mpi_pieces(data.size(), max); ++k, begin += max) {
         const std::size_t len = std::min(max, data.size() - begin);
-        detail::mpi_check(MPI_Allreduce(MPI_IN_PLACE, data.data() + begin, static_cast<int>(len),
-                                        S::datatype(), MPI_SUM, s.comm),
-                          where, "MPI_Allreduce of ", len, " ", S::name, " at offset ", begin,
-                          " of ", data.size());
+        T* piece = data.data() + begin;
+        collective(
+            where,
+            [&] {
+              return MPI_Allreduce(MPI_IN_PLACE, piece, static_cast<int>(len), S::datatype(),
+                                   MPI_SUM, s.comm);
+            },
+            [&](MPI_Request* r) {
+              return MPI_Iallreduce(MPI_IN_PLACE, piece, static_cast<int>(len), S::datatype(),
+                                    MPI_SUM, s.comm, r);
+            },
+            "MPI_Allreduce", "MPI_Iallreduce", " of ", len, " ", S::name, " at offset ", begin,
+            " of ", data.size());
       }
     }
     s.count(data.size_bytes(), data.size_bytes());
@@ -379,6 +498,7 @@ class mpi_comm {
   template <class Policy>
   void allgather(const Policy&, std::span<const std::byte> in, std::span<std::byte> out) {
     constexpr std::string_view where = "gcomp::mpi_comm::allgather";
+    begin(where);
     detail::mpi_state& s = *state_;
     const std::size_t n = in.size();
     std::string problem;
@@ -390,9 +510,17 @@ class mpi_comm {
       problem = detail::concat("in overlaps out on rank ", s.rank, "; they must be separate buffers");
     agree(where, {detail::mpi_op::allgather, 0, to_ll(n), 0, true}, problem);
     if (n <= s.options.max_count) {
-      detail::mpi_check(MPI_Allgather(in.data(), static_cast<int>(n), MPI_BYTE, out.data(),
-                                      static_cast<int>(n), MPI_BYTE, s.comm),
-                        where, "MPI_Allgather of ", n, " bytes per rank");
+      collective(
+          where,
+          [&] {
+            return MPI_Allgather(in.data(), static_cast<int>(n), MPI_BYTE, out.data(),
+                                 static_cast<int>(n), MPI_BYTE, s.comm);
+          },
+          [&](MPI_Request* r) {
+            return MPI_Iallgather(in.data(), static_cast<int>(n), MPI_BYTE, out.data(),
+                                  static_cast<int>(n), MPI_BYTE, s.comm, r);
+          },
+          "MPI_Allgather", "MPI_Iallgather", " of ", n, " bytes per rank");
     } else {
       // Pieces of one rank's block would need per-rank strides; broadcasting
       // each rank's block from its owner in max_count pieces needs none.
@@ -413,6 +541,7 @@ class mpi_comm {
   void allgatherv(const Policy&, std::span<const std::byte> in, std::vector<std::byte>& out,
                   std::span<std::size_t> counts) {
     constexpr std::string_view where = "gcomp::mpi_comm::allgatherv";
+    begin(where);
     detail::mpi_state& s = *state_;
     const auto m = static_cast<std::size_t>(s.size);
     std::string problem;
@@ -426,9 +555,18 @@ class mpi_comm {
 
     s.sizes.resize(m);
     const std::uint64_t own = in.size();
-    detail::mpi_check(
-        MPI_Allgather(&own, 1, MPI_UINT64_T, s.sizes.data(), 1, MPI_UINT64_T, s.comm), where,
-        "MPI_Allgather of the sizes");
+    s.own_size = own;
+    collective(
+        where,
+        [&] {
+          return MPI_Allgather(&s.own_size, 1, MPI_UINT64_T, s.sizes.data(), 1, MPI_UINT64_T,
+                               s.comm);
+        },
+        [&](MPI_Request* r) {
+          return MPI_Iallgather(&s.own_size, 1, MPI_UINT64_T, s.sizes.data(), 1, MPI_UINT64_T,
+                                s.comm, r);
+        },
+        "MPI_Allgather", "MPI_Iallgather", " of the sizes");
     std::size_t total = 0;
     for (std::uint64_t b : s.sizes) total += static_cast<std::size_t>(b);
     // If this throws (out of memory), the other ranks block in the exchange
@@ -443,10 +581,18 @@ class mpi_comm {
         s.displs[j] = static_cast<int>(offset);
         offset += static_cast<std::size_t>(s.sizes[j]);
       }
-      detail::mpi_check(MPI_Allgatherv(in.data(), static_cast<int>(own), MPI_BYTE, out.data(),
-                                       s.counts.data(), s.displs.data(), MPI_BYTE, s.comm),
-                        where, "MPI_Allgatherv of ", own, " bytes from rank ", s.rank, " (", total,
-                        " in all)");
+      collective(
+          where,
+          [&] {
+            return MPI_Allgatherv(in.data(), static_cast<int>(own), MPI_BYTE, out.data(),
+                                  s.counts.data(), s.displs.data(), MPI_BYTE, s.comm);
+          },
+          [&](MPI_Request* r) {
+            return MPI_Iallgatherv(in.data(), static_cast<int>(own), MPI_BYTE, out.data(),
+                                   s.counts.data(), s.displs.data(), MPI_BYTE, s.comm, r);
+          },
+          "MPI_Allgatherv", "MPI_Iallgatherv", " of ", own, " bytes from rank ", s.rank, " (",
+          total, " in all)");
     } else {
       std::size_t offset = 0;
       for (int j = 0; j < s.size; ++j) {
@@ -468,6 +614,7 @@ class mpi_comm {
                   "mpi_comm::broadcast writes data on every rank but the root: T must be a "
                   "non-const trivially copyable type");
     constexpr std::string_view where = "gcomp::mpi_comm::broadcast";
+    begin(where);
     detail::mpi_state& s = *state_;
     std::string problem;
     if (root < 0 || root >= s.size)
@@ -486,8 +633,12 @@ class mpi_comm {
   /// Returns once every rank has called barrier().
   void barrier() {
     constexpr std::string_view where = "gcomp::mpi_comm::barrier";
+    begin(where);
     agree(where, {detail::mpi_op::barrier, 0, 0, 0, true}, {});
-    detail::mpi_check(MPI_Barrier(state_->comm), where, "MPI_Barrier");
+    const MPI_Comm comm = state_->comm;
+    collective(
+        where, [&] { return MPI_Barrier(comm); },
+        [&](MPI_Request* r) { return MPI_Ibarrier(comm, r); }, "MPI_Barrier", "MPI_Ibarrier");
     state_->count(0, 0);
   }
 
@@ -503,6 +654,7 @@ class mpi_comm {
                   "other than bool");
     constexpr std::string_view where = "gcomp::mpi_comm::iallreduce_sum";
     using S = detail::mpi_sum_type<std::remove_cv_t<T>>;
+    refuse_if_timed_out(where);
     detail::mpi_state& s = *state_;
     const std::size_t max = s.options.max_count;
     const std::size_t pieces = detail::mpi_pieces(data.size(), max);
@@ -545,6 +697,53 @@ class mpi_comm {
  private:
   static long long to_ll(std::size_t n) { return static_cast<long long>(n); }
 
+  void leak_if_timed_out() noexcept {
+    // MPI may still write into the state's buffers: never free them.
+    if (state_ && !state_->timed_out.empty()) (void)state_.release();
+  }
+
+  void refuse_if_timed_out(std::string_view where) const {
+    const detail::mpi_state& s = *state_;
+    if (!s.timed_out.empty())
+      fail(where, "an earlier operation timed out (", s.timed_out,
+           "), so this communicator cannot be used again");
+  }
+
+  // Every blocking collective starts here: the deadline covers all its MPI calls.
+  void begin(std::string_view where) {
+    refuse_if_timed_out(where);
+    detail::mpi_state& s = *state_;
+    if (s.options.timeout != mpi_options::no_timeout)
+      s.deadline = detail::mpi_deadline(s.options.timeout);
+  }
+
+  // One MPI call of a collective: `blocking`, or with a timeout `start`
+  // (its non-blocking form) polled until the collective's deadline. Errors
+  // name the call that was made, with `what` after its name.
+  template <class Blocking, class Start, class... What>
+  void collective(std::string_view where, Blocking&& blocking, Start&& start,
+                  const char* blocking_name, const char* start_name, const What&... what) {
+    detail::mpi_state& s = *state_;
+    if (s.options.timeout == mpi_options::no_timeout) {
+      detail::mpi_check(blocking(), where, blocking_name, what...);
+      return;
+    }
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::mpi_check(start(&request), where, start_name, what...);
+    int code = MPI_SUCCESS;
+    if (detail::mpi_test_until(&request, 1, s.deadline, code)) {
+      detail::mpi_check(code, where, start_name, what...);
+      return;
+    }
+    s.abandoned.push_back(request);
+    const std::string message =
+        detail::concat(start_name, what..., " did not complete within the timeout of ",
+                       detail::mpi_duration_text(s.options.timeout), " on rank ", s.rank, " of ",
+                       s.size);
+    s.timed_out = detail::concat(where, ": ", message);
+    fail(where, message, detail::mpi_timeout_advice);
+  }
+
   static std::unique_ptr<detail::mpi_state> make_state(MPI_Comm comm, const mpi_options& options) {
     constexpr std::string_view where = "gcomp::mpi_comm::mpi_comm";
     int initialized = 0, finalized = 0;
@@ -556,6 +755,9 @@ class mpi_comm {
     require(comm != MPI_COMM_NULL, where, "comm is MPI_COMM_NULL");
     check_in_range(where, "options.max_count", options.max_count, std::size_t{1},
                    static_cast<std::size_t>(INT_MAX));
+    require(options.timeout > std::chrono::nanoseconds::zero(), where,
+            "options.timeout must be > 0 (mpi_options::no_timeout waits forever), got ",
+            detail::mpi_duration_text(options.timeout));
     int inter = 0;
     detail::mpi_check(MPI_Comm_test_inter(comm, &inter), where, "MPI_Comm_test_inter");
     require(!inter, where, "comm is an intercommunicator; gcomp needs an intracommunicator");
@@ -584,12 +786,20 @@ class mpi_comm {
     }
     const long long op = static_cast<long long>(call.op);
     const long long size = call.compare_size ? call.size : 0;
-    std::array<long long, 9> v = {problem.empty() ? 0 : s.rank + 1,
-                                  op, -op, call.type, -call.type, size, -size, call.root,
-                                  -call.root};
-    detail::mpi_check(MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()),
-                                    MPI_LONG_LONG, MPI_MAX, s.comm),
-                      where, "MPI_Allreduce checking the arguments across ranks");
+    std::array<long long, 9>& v = s.agreement;
+    v = {problem.empty() ? 0 : s.rank + 1, op, -op, call.type, -call.type, size, -size,
+         call.root, -call.root};
+    collective(
+        where,
+        [&] {
+          return MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()), MPI_LONG_LONG,
+                               MPI_MAX, s.comm);
+        },
+        [&](MPI_Request* r) {
+          return MPI_Iallreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()), MPI_LONG_LONG,
+                                MPI_MAX, s.comm, r);
+        },
+        "MPI_Allreduce", "MPI_Iallreduce", " checking the arguments across ranks");
     if (!problem.empty()) fail(where, problem);
     if (v[0] != 0)
       fail(where, "rank ", v[0] - 1,
@@ -617,9 +827,15 @@ class mpi_comm {
     const std::size_t max = s.options.max_count;
     for (std::size_t k = 0, begin = 0; k < detail::mpi_pieces(n, max); ++k, begin += max) {
       const std::size_t len = std::min(max, n - begin);
-      detail::mpi_check(MPI_Bcast(data + begin, static_cast<int>(len), MPI_BYTE, root, s.comm),
-                        where, "MPI_Bcast of ", len, " bytes at offset ", begin, " of ", n,
-                        " from rank ", root);
+      std::byte* piece = data + begin;
+      collective(
+          where,
+          [&] { return MPI_Bcast(piece, static_cast<int>(len), MPI_BYTE, root, s.comm); },
+          [&](MPI_Request* r) {
+            return MPI_Ibcast(piece, static_cast<int>(len), MPI_BYTE, root, s.comm, r);
+          },
+          "MPI_Bcast", "MPI_Ibcast", " of ", len, " bytes at offset ", begin, " of ", n,
+          " from rank ", root);
     }
   }
 
@@ -655,19 +871,35 @@ class mpi_comm {
         s.counts[j] = static_cast<int>(mine);
         s.displs[j] = static_cast<int>(j * mine);
       }
-      detail::mpi_check(MPI_Alltoallv(piece, s.send_counts.data(), s.send_displs.data(), type,
-                                      received, s.counts.data(), s.displs.data(), type, s.comm),
-                        where, "MPI_Alltoallv of ", len, " ", detail::mpi_sum_type<U>::name,
-                        " at offset ", begin, " of ", data.size());
+      collective(
+          where,
+          [&] {
+            return MPI_Alltoallv(piece, s.send_counts.data(), s.send_displs.data(), type, received,
+                                 s.counts.data(), s.displs.data(), type, s.comm);
+          },
+          [&](MPI_Request* r) {
+            return MPI_Ialltoallv(piece, s.send_counts.data(), s.send_displs.data(), type,
+                                  received, s.counts.data(), s.displs.data(), type, s.comm, r);
+          },
+          "MPI_Alltoallv", "MPI_Ialltoallv", " of ", len, " ", detail::mpi_sum_type<U>::name,
+          " at offset ", begin, " of ", data.size());
       for (std::size_t i = 0; i < mine; ++i) {
         U acc = received[i];
         for (std::size_t j = 1; j < m; ++j) acc = static_cast<U>(acc + received[j * mine + i]);
         piece[lo + i] = acc;
       }
-      detail::mpi_check(MPI_Allgatherv(MPI_IN_PLACE, 0, type, piece, s.send_counts.data(),
-                                       s.send_displs.data(), type, s.comm),
-                        where, "MPI_Allgatherv of the summed slices at offset ", begin, " of ",
-                        data.size());
+      collective(
+          where,
+          [&] {
+            return MPI_Allgatherv(MPI_IN_PLACE, 0, type, piece, s.send_counts.data(),
+                                  s.send_displs.data(), type, s.comm);
+          },
+          [&](MPI_Request* r) {
+            return MPI_Iallgatherv(MPI_IN_PLACE, 0, type, piece, s.send_counts.data(),
+                                   s.send_displs.data(), type, s.comm, r);
+          },
+          "MPI_Allgatherv", "MPI_Iallgatherv", " of the summed slices at offset ", begin, " of ",
+          data.size());
     }
   }
 
@@ -677,9 +909,18 @@ class mpi_comm {
 /// Initializes MPI for a program that does not do it itself (examples,
 /// tests, benchmarks) and finalizes it at scope exit, unless MPI was already
 /// initialized. The library's communicators never call MPI_Init.
+///
+/// If an exception leaves the environment's scope, it does not finalize:
+/// this rank is giving up while others may wait for it in a collective, and
+/// MPI_Finalize waits for every rank (Open MPI synchronizes them in it), so
+/// the job would hang. MPI stays initialized for a handler outside the scope
+/// to report the error and call MPI_Abort (as mpi_abort_on_exception does
+/// inside it); an exception nobody catches ends the process, and mpiexec
+/// then ends the job.
 class mpi_environment {
  public:
-  mpi_environment(int& argc, char**& argv, int required = MPI_THREAD_FUNNELED) {
+  mpi_environment(int& argc, char**& argv, int required = MPI_THREAD_FUNNELED)
+      : uncaught_(std::uncaught_exceptions()) {
     int initialized = 0;
     MPI_Initialized(&initialized);
     if (initialized) {
@@ -698,15 +939,58 @@ class mpi_environment {
   mpi_environment(const mpi_environment&) = delete;
   mpi_environment& operator=(const mpi_environment&) = delete;
   ~mpi_environment() {
-    if (owner_) MPI_Finalize();
+    if (owner_ && std::uncaught_exceptions() <= uncaught_) MPI_Finalize();
   }
 
   /// The thread level MPI provides (MPI_THREAD_SINGLE ... MPI_THREAD_MULTIPLE).
   int thread_level() const { return provided_; }
 
  private:
+  int uncaught_ = 0;  // exceptions in flight at construction
   bool owner_ = false;
   int provided_ = MPI_THREAD_SINGLE;
 };
+
+/// Runs body() on this rank; if it throws, hands report a message naming this
+/// rank and the exception's what() ("gcomp::mpi_abort_on_exception: rank 1 of
+/// 4 threw: <what>; aborting the job with error code 1"), then calls
+/// MPI_Abort(comm, error_code), which ends every rank of the job (of comm's
+/// processes, at least) with that exit code. Without it, the other ranks
+/// would wait for this one in their next collective forever. report is where
+/// the message goes (the library never prints); e.g. a lambda writing it to
+/// stderr. If MPI is not initialized, or already finalized, there is no job
+/// to abort and the exception propagates.
+template <class Body, class Report>
+  requires std::invocable<Body&> && std::invocable<Report&, std::string_view>
+void mpi_abort_on_exception(MPI_Comm comm, Body&& body, Report&& report, int error_code = 1) {
+  try {
+    body();
+    return;
+  } catch (...) {
+    int initialized = 0, finalized = 0;
+    MPI_Initialized(&initialized);
+    MPI_Finalized(&finalized);
+    if (!initialized || finalized) throw;
+    std::string what = "an exception not derived from std::exception";
+    try {
+      throw;
+    } catch (const std::exception& e) {
+      what = e.what();
+    } catch (...) {
+    }
+    int rank = -1, size = 0;
+    MPI_Comm_rank(comm, &rank);
+    MPI_Comm_size(comm, &size);
+    const std::string message =
+        detail::concat("gcomp::mpi_abort_on_exception: rank ", rank, " of ", size, " threw: ",
+                       what, "; aborting the job with error code ", error_code);
+    try {
+      report(std::string_view(message));
+    } catch (...) {  // the abort matters more than the report
+    }
+    MPI_Abort(comm, error_code);
+  }
+  std::abort();  // MPI_Abort does not return; if it did, this rank must still not go on
+}
 
 }  // namespace gcomp
