@@ -180,12 +180,16 @@ run_result oracle(const oracle_options& o, int steps) {
 }
 
 auto make_sasg(double alpha, double ratio, std::size_t D, gcomp::lazy_rule_form form,
-               gcomp::lazy_reduction reduction = gcomp::lazy_reduction::sum) {
+               gcomp::lazy_reduction reduction = gcomp::lazy_reduction::sum,
+               gcomp::on_nonfinite nonfinite = gcomp::on_nonfinite::skip_step) {
   return [=] {
-    return gcomp::sasg<double>(
-        {.ratio = ratio,
-         .descent = {.alpha = alpha, .history = D, .form = form, .reduction = reduction}},
-        model);
+    return gcomp::sasg<double>({.ratio = ratio,
+                                .descent = {.alpha = alpha,
+                                            .history = D,
+                                            .form = form,
+                                            .reduction = reduction,
+                                            .nonfinite = nonfinite}},
+                               model);
   };
 }
 
@@ -279,8 +283,12 @@ TEST_CASE("SASG skips uploads, reaches top-k + error feedback's loss with fewer 
   // optimum's loss (the tolerance of tests/test_pipeline.cpp), and SASG needs
   // under half of top-k + EF's uploads (measured: 814 of 2400).
   const int steps = 600;
-  const auto sasg = run(make_sasg(0.01, 0.25, 10, same_minibatch), steps, false);
-  const auto topk_ef = run(make_sasg(0.01, 0.25, 0, same_minibatch), steps, false);
+  // The bytes counted are SASG's own: propagate leaves out the non-finite
+  // guard's one-value all-reduce per step (the loss and uploads are the same).
+  constexpr auto sum = gcomp::lazy_reduction::sum;
+  constexpr auto propagate = gcomp::on_nonfinite::propagate;
+  const auto sasg = run(make_sasg(0.01, 0.25, 10, same_minibatch, sum, propagate), steps, false);
+  const auto topk_ef = run(make_sasg(0.01, 0.25, 0, same_minibatch, sum, propagate), steps, false);
   const auto optimum = least_squares_optimum(data);
   const double best = loss(data, optimum.data());
   const double sasg_loss = loss(data, sasg.x.back().data());
@@ -380,7 +388,12 @@ TEST_CASE("SASG and LAG check options and inputs and leave params unchanged on a
 
   gcomp::inproc_group group(1);
   auto& comm = group.comm(0);
-  gcomp::sasg<float> method({.ratio = 0.5, .descent = {.alpha = 0.1, .history = 1}}, model);
+  // propagate: the checks below are the rule's own (tests/test_nonfinite_sasg.cpp
+  // covers the guard that skip_step and throw_error put in front of them).
+  gcomp::sasg<float> method(
+      {.ratio = 0.5,
+       .descent = {.alpha = 0.1, .history = 1, .nonfinite = gcomp::on_nonfinite::propagate}},
+      model);
   std::vector<float> x(dims, 1.0f), g(dims, 0.5f), x19(19, 1.0f);
   const auto keep = [](std::span<const float>, std::span<float> out) {
     std::fill(out.begin(), out.end(), 0.5f);
@@ -431,7 +444,12 @@ TEST_CASE("SASG and LAG check options and inputs and leave params unchanged on a
 
 TEST_CASE("LAG: a non-finite update throws before the parameters are written") {
   gcomp::inproc_group group(1);
-  gcomp::lag<float> method({.alpha = 0.1, .history = 2, .form = last_uploaded}, model);
+  // propagate: the Inf reaches the update (skip_step would skip the step first).
+  gcomp::lag<float> method({.alpha = 0.1,
+                            .history = 2,
+                            .form = last_uploaded,
+                            .nonfinite = gcomp::on_nonfinite::propagate},
+                           model);
   std::vector<float> x(dims, 1.0f), g(dims, 0.5f);
   g[3] = std::numeric_limits<float>::infinity();
   CHECK_THROWS_WITH_AS(

@@ -452,7 +452,9 @@ TEST_CASE("parameter-server form: workers agree bit for bit, reuse stale message
       bytes += ps.last_bytes();
       trajectory.push_back(x);
     }
-    CHECK(comm.stats().bytes_sent == bytes);
+    // The messages plus the non-finite guard's flag: one double all-reduced at
+    // every step (some worker is due at every step with period 2 and 4 workers).
+    CHECK(comm.stats().bytes_sent == bytes + steps * sizeof(double));
     final_x[std::size_t(me)] = x;
     uploads[std::size_t(me)] = ps.uploads();
   });
@@ -480,8 +482,11 @@ TEST_CASE("stale methods refuse bad options and inputs with x and their state un
       },
       "options.max_delay must be in [0, 1048576]");
 
-  gcomp::stale_compressed_gd method(gcomp::qsgd<float>({.levels = 7, .bucket = 0}),
-                                    {.gamma = 0.1, .delay = {.max_delay = 2}});
+  // propagate: the non-finite gradient below must reach the compressor, whose
+  // refusal is under test (skip_step would skip the step before it).
+  gcomp::stale_compressed_gd method(
+      gcomp::qsgd<float>({.levels = 7, .bucket = 0}),
+      {.gamma = 0.1, .delay = {.max_delay = 2}, .nonfinite = gcomp::on_nonfinite::propagate});
   auto grad = [](std::span<const float> m, std::uint64_t, std::span<float> out) {
     for (std::size_t j = 0; j < m.size(); ++j) out[j] = m[j];
   };

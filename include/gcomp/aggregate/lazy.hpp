@@ -1,6 +1,7 @@
 // lazy<allgather>: workers upload or skip and every worker reuses the skippers' last messages, plus the lazy upload rule (Chen, Giannakis, Sun, Yin, "LAG: Lazily Aggregated Gradient for Communication-Efficient Distributed Learning", NeurIPS 2018).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -12,12 +13,110 @@
 
 #include "gcomp/aggregate/allgather.hpp"
 #include "gcomp/aggregate/detail/replicated_messages.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/message.hpp"
+#include "gcomp/core/wire.hpp"
 #include "gcomp/detail/typed_slot.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// A replicated store's messages in checkpoint form: every rank's last message
+/// encoded as on the wire, empty for a rank that has never sent. An aggregator
+/// learns its payload type only at its first step, so a store loaded into a
+/// fresh aggregator stays in this form until the next step decodes it (as
+/// untrusted input, like a received message). lazy<allgather> and
+/// parameter_server share it.
+struct checkpointed_messages {
+  std::vector<std::vector<std::byte>> by_rank;  // empty: nothing loaded (or nothing held)
+
+  /// Whether a loaded store waits for its payload type.
+  bool pending() const { return !by_rank.empty(); }
+
+  template <class P>
+  static checkpointed_messages of(const replicated_messages<P>& store) {
+    checkpointed_messages out;
+    out.by_rank.resize(store.stored.size());
+    for (std::size_t r = 0; r < store.stored.size(); ++r)
+      if (store.held[r] != 0) encode(store.stored[r], out.by_rank[r]);
+    return out;
+  }
+
+  /// Two fields: the bytes of each rank's message (0: none) and all of them in rank order.
+  void save(checkpoint_writer& out) const {
+    std::vector<std::uint64_t> sizes;
+    std::vector<std::byte> all;
+    for (const auto& m : by_rank) {
+      sizes.push_back(m.size());
+      all.insert(all.end(), m.begin(), m.end());
+    }
+    out.array("message_bytes", sizes);
+    out.array("messages", all);
+  }
+
+  /// Reads what save() wrote: `ranks` messages (none when ranks is 0) of
+  /// `dimension` elements. Headers are checked here; bodies when decoded.
+  static checkpointed_messages read(checkpoint_reader& in, std::size_t ranks,
+                                    std::uint64_t dimension, std::string_view where) {
+    const auto sizes = in.vector<std::uint64_t>("message_bytes");
+    const auto all = in.vector<std::byte>("messages");
+    require(sizes.size() == ranks, where, "the checkpoint holds messages of ", sizes.size(),
+            " ranks but records ", ranks, " ranks");
+    checkpointed_messages out;
+    out.by_rank.resize(ranks);
+    std::size_t offset = 0;
+    for (std::size_t r = 0; r < ranks; ++r) {
+      require(sizes[r] <= all.size() - offset, where, "the message of rank ", r, " claims ",
+              sizes[r], " bytes but only ", all.size() - offset, " remain");
+      const auto bytes =
+          std::span<const std::byte>(all).subspan(offset, static_cast<std::size_t>(sizes[r]));
+      offset += bytes.size();
+      if (bytes.empty()) continue;
+      const wire::header head = wire::peek(bytes, where);
+      require(head.dimension == dimension, where, "the message of rank ", r, " has dimension ",
+              head.dimension, " but the checkpoint records dimension ", dimension);
+      require(head.body_bytes == bytes.size() - wire::header_bytes, where, "the message of rank ",
+              r, " says its body has ", head.body_bytes, " bytes but ",
+              bytes.size() - wire::header_bytes, " follow its header");
+      out.by_rank[r].assign(bytes.begin(), bytes.end());
+    }
+    require(offset == all.size(), where, "the checkpoint's messages have ", all.size() - offset,
+            " bytes that belong to no rank");
+    return out;
+  }
+
+  /// Decodes every message into temporaries first, so a message that does not
+  /// fit the payload type P (another compressor's) throws with `store` unchanged;
+  /// then the store holds exactly the loaded messages.
+  template <class P>
+  void install(replicated_messages<P>& store, std::uint64_t dimension,
+               std::string_view where) const {
+    std::vector<P> decoded(by_rank.size());
+    for (std::size_t r = 0; r < by_rank.size(); ++r) {
+      if (by_rank[r].empty()) continue;
+      try {
+        decode(std::span<const std::byte>(by_rank[r]), decoded[r], dimension);
+      } catch (const error& e) {
+        fail(where, "the message of rank ", r,
+             " loaded from the checkpoint does not fit this compressor (a checkpoint of another "
+             "method?): ",
+             e.what());
+      }
+    }
+    store.size_for(by_rank.size());
+    check_same_size(where, "the loaded messages", by_rank.size(), "the ranks of the store",
+                    store.stored.size());
+    for (std::size_t r = 0; r < by_rank.size(); ++r) {
+      store.held[r] = by_rank[r].empty() ? 0 : 1;
+      if (!by_rank[r].empty()) std::swap(store.stored[r], decoded[r]);
+    }
+  }
+};
+
+}  // namespace detail
 
 /// How the M messages are combined: their mean (what allgather computes) or
 /// their sum (what LAG's and SASG's servers compute: the step size is already
@@ -61,6 +160,12 @@ class lazy {
 /// stored messages unchanged. So does a corrupt message. The compressor has
 /// compressed by then (an error_feedback residual has moved), as with
 /// allgather.
+///
+/// save()/load() checkpoint the counters and every worker's last message (in
+/// wire form). A fresh aggregator does not know its compressor's payload type
+/// until its first step, so load(policy, in) keeps the messages as bytes and
+/// the next aggregate() decodes them (a message of another compressor throws
+/// there, nothing changed); load(policy, in, compressor) decodes them at once.
 template <>
 class lazy<allgather> {
  public:
@@ -101,6 +206,12 @@ class lazy<allgather> {
               " but earlier steps had size ", dimension_, "; the stored messages are of that size");
     }
     s.size_for(workers);
+    if (loaded_.pending()) {
+      // A checkpoint was loaded before the payload type was known: decode it now.
+      loaded_.install(s, dimension_, where);
+      loaded_ = {};
+    }
+    snapshot_ = &snapshot<payload>;
     s.prepare(policy, c, local, key, me, upload);
     // Validate and decode everything before any state or global changes.
     s.exchange(policy, comm, global.size(), where, [&](std::size_t r, std::size_t count) {
@@ -135,8 +246,108 @@ class lazy<allgather> {
   /// Bytes this worker put on the wire in the last step (0 if it skipped).
   std::size_t last_bytes() const { return last_bytes_; }
   const lazy_options& options() const { return options_; }
+  /// The gradient size of the steps so far (0 before the first).
+  std::size_t dimension() const { return dimension_; }
+  /// The group size of the steps so far (0 before the first).
+  std::size_t workers() const { return uploads_.size(); }
+
+  /// Section "gcomp::lazy<allgather>", version 1: reduction, started,
+  /// dimension, uploads and skips per rank, and every rank's last message
+  /// (message_bytes per rank, 0 for none; messages, concatenated in wire form).
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::lazy<allgather>", 1);
+    out.value("reduction", options_.reduction);
+    out.value("started", started_);
+    out.value("dimension", static_cast<std::uint64_t>(dimension_));
+    out.array("uploads", uploads_);
+    out.array("skips", skips_);
+    if (loaded_.pending() || snapshot_ == nullptr)
+      loaded_.save(out);  // still as loaded, or nothing held yet
+    else
+      snapshot_(state_).save(out);
+    out.end();
+  }
+
+  /// Reads what save() wrote. Rejected, with this aggregator unchanged: a
+  /// checkpoint of the other reduction, or, once this aggregator has stepped,
+  /// of another group size or gradient size; and anything inconsistent (a
+  /// rank with uploads but no message, a message of another dimension).
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::lazy<allgather>::load";
+    in.begin("gcomp::lazy<allgather>", 1);
+    const auto reduction = in.value<lazy_reduction>("reduction");
+    const auto started = in.value<bool>("started");
+    const auto dimension = in.value<std::uint64_t>("dimension");
+    auto uploads = in.vector<std::uint64_t>("uploads");
+    auto skips = in.vector<std::uint64_t>("skips");
+    require(reduction == options_.reduction, where,
+            "the checkpoint combines the messages by their ", reduction_name(reduction), " but this aggregator takes their ",
+            reduction_name(options_.reduction));
+    const std::size_t workers = started ? uploads.size() : 0;
+    if (started)
+      require(workers >= 1, where, "the checkpoint has stepped but records no workers");
+    else
+      require(uploads.empty() && dimension == 0, where,
+              "the checkpoint has not stepped but records ", uploads.size(),
+              " workers and dimension ", dimension);
+    check_same_size(where, "the checkpoint's skips", skips.size(), "its uploads", uploads.size());
+    auto messages = detail::checkpointed_messages::read(in, workers, dimension, where);
+    for (std::size_t r = 0; r < workers; ++r)
+      require((uploads[r] > 0) == !messages.by_rank[r].empty(), where, "rank ", r, " has ",
+              uploads[r], " uploads but ", messages.by_rank[r].empty() ? "no" : "a",
+              " stored message");
+    in.end();
+    if (started_ && started) {
+      require(workers == uploads_.size(), where, "the checkpoint is of a group of ", workers,
+              " workers but this aggregator has served a group of ", uploads_.size());
+      require(dimension == dimension_, where, "the checkpoint holds messages of size ", dimension,
+              " but this aggregator's are of size ", dimension_);
+    }
+    // Everything is read and checked: replace the state. The store is rebuilt
+    // from the loaded bytes at the next step, when the payload type is known.
+    state_ = detail::typed_slot{};
+    snapshot_ = nullptr;
+    loaded_ = started ? std::move(messages) : detail::checkpointed_messages{};
+    started_ = started;
+    dimension_ = static_cast<std::size_t>(dimension);
+    uploads_ = std::move(uploads);
+    skips_ = std::move(skips);
+    last_bytes_ = 0;
+  }
+
+  /// As load(policy, in), and decodes the messages at once with C's payload
+  /// type, so a checkpoint of another compressor is rejected here.
+  template <class Policy, class C>
+    requires wire_payload<typename C::payload>
+  void load(const Policy& policy, checkpoint_reader& in, const C&) {
+    constexpr std::string_view where = "gcomp::lazy<allgather>::load";
+    lazy next(*this);
+    next.load(policy, in);
+    if (next.loaded_.pending()) {
+      using payload = typename C::payload;
+      auto& s = next.state_.get<detail::replicated_messages<payload>>(where.data());
+      next.loaded_.install(s, next.dimension_, where);
+      next.loaded_ = {};
+      next.snapshot_ = &snapshot<payload>;
+    }
+    *this = std::move(next);
+  }
 
  private:
+  static std::string_view reduction_name(lazy_reduction r) {
+    return r == lazy_reduction::mean ? "mean" : r == lazy_reduction::sum ? "sum" : "unknown";
+  }
+
+  // Encodes the held messages of a slot that holds replicated_messages<P>.
+  template <class P>
+  static detail::checkpointed_messages snapshot(const detail::typed_slot& slot) {
+    // get() of the type the slot already holds only returns it: nothing is modified.
+    auto& store = const_cast<detail::typed_slot&>(slot).get<detail::replicated_messages<P>>(
+        "gcomp::lazy<allgather>::save");
+    return detail::checkpointed_messages::of(store);
+  }
+
   std::size_t checked_rank(int rank) const {
     require(rank >= 0 && static_cast<std::size_t>(rank) < uploads_.size(), "gcomp::lazy<allgather>",
             "rank ", rank, " is out of range [0, ", uploads_.size(), ")");
@@ -154,6 +365,9 @@ class lazy<allgather> {
   std::size_t dimension_ = 0;
   std::vector<std::uint64_t> uploads_, skips_;
   std::size_t last_bytes_ = 0;
+  detail::checkpointed_messages loaded_;  // loaded, not yet decoded
+  // Encodes the slot's messages; set when the slot gets its type.
+  detail::checkpointed_messages (*snapshot_)(const detail::typed_slot&) = nullptr;
 };
 
 /// The lazy rule's parameters (LAG eq. (13), SASG eq. (9)).
@@ -249,6 +463,66 @@ class lazy_rule {
   std::uint64_t staleness() const { return tau_; }
   /// The options, xi filled in.
   const lazy_rule_options& options() const { return options_; }
+
+  /// Section "gcomp::lazy_rule", version 1: history (D), alpha and xi (to
+  /// reject a checkpoint of another rule), the ring of the last D model
+  /// changes with the index of the newest, and the step, upload, skip and
+  /// staleness counts.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::lazy_rule", 1);
+    out.value("history", static_cast<std::uint64_t>(options_.history));
+    out.value("alpha", options_.alpha);
+    out.array("xi", options_.xi);
+    out.array("changes", changes_);
+    out.value("newest", static_cast<std::uint64_t>(newest_));
+    out.value("steps", steps_);
+    out.value("uploads", uploads_);
+    out.value("skips", skips_);
+    out.value("tau", tau_);
+    out.end();
+  }
+
+  /// Reads what save() wrote; a checkpoint of another D, alpha or xi, or with
+  /// counts that cannot occur, is rejected with the rule unchanged.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::lazy_rule::load";
+    in.begin("gcomp::lazy_rule", 1);
+    const auto history = in.value<std::uint64_t>("history");
+    const auto alpha = in.value<double>("alpha");
+    const auto xi = in.vector<double>("xi");
+    require(history == options_.history, where, "the checkpoint's rule has history D = ", history,
+            " but this rule has D = ", options_.history);
+    require(alpha == options_.alpha, where, "the checkpoint's rule has alpha ", alpha,
+            " but this rule has alpha ", options_.alpha);
+    require(xi == options_.xi, where, "the checkpoint's rule has other weights xi than this rule");
+    std::vector<double> changes(changes_.size());
+    in.array("changes", std::span<double>(changes));
+    const auto newest = in.value<std::uint64_t>("newest");
+    const auto steps = in.value<std::uint64_t>("steps");
+    const auto uploads = in.value<std::uint64_t>("uploads");
+    const auto skips = in.value<std::uint64_t>("skips");
+    const auto tau = in.value<std::uint64_t>("tau");
+    in.end();
+    for (std::size_t d = 0; d < changes.size(); ++d)
+      require(std::isfinite(changes[d]) && changes[d] >= 0, where, "model change ", d,
+              " must be non-negative and finite, got ", changes[d]);
+    require(newest < std::max<std::size_t>(changes.size(), 1), where, "newest = ", newest,
+            " is out of range [0, ", std::max<std::size_t>(changes.size(), 1), ")");
+    require(uploads <= steps && skips == steps - uploads, where, "uploads ", uploads, " and skips ",
+            skips, " do not add up to steps ", steps);
+    // The first step uploads, and no message is reused more than D steps in a row.
+    require(uploads == 0 ? (tau == 0 && steps == 0)
+                         : (tau >= 1 && tau <= skips + 1 && tau <= history + 1),
+            where, "staleness ", tau, " cannot follow ", uploads, " uploads and ", skips,
+            " skips with D = ", history);
+    changes_ = std::move(changes);
+    newest_ = static_cast<std::size_t>(newest);
+    steps_ = steps;
+    uploads_ = uploads;
+    skips_ = skips;
+    tau_ = tau;
+  }
 
  private:
   // ||x_{k-d} - x_{k-d-1}||^2 for d = 0.. (0 where not yet recorded).

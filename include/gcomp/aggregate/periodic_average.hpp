@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "gcomp/comm/stats.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -109,6 +110,56 @@ class periodic_average {
   /// ||x_m - mean||^2 of this worker before the last round; NaN until a
   /// round with measure_disagreement on.
   double last_disagreement() const { return last_disagreement_; }
+
+  /// Section "gcomp::periodic_average", version 1: period, steps, rounds,
+  /// the total traffic (bytes_sent, bytes_received, collectives) and the
+  /// parameters' size (size_unset before the first round). The last round's
+  /// traffic and disagreement are outputs of that round, not saved.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::periodic_average", 1);
+    out.value("period", static_cast<std::uint64_t>(options_.period));
+    out.value("steps", steps_);
+    out.value("rounds", rounds_);
+    out.value("bytes_sent", traffic_.bytes_sent);
+    out.value("bytes_received", traffic_.bytes_received);
+    out.value("collectives", traffic_.collectives);
+    out.value("size", size_ == unsized ? size_unset : static_cast<std::uint64_t>(size_));
+    out.end();
+  }
+
+  /// Reads what save() wrote; a checkpoint of another period, or of another
+  /// parameter size once this object has averaged, is rejected with the
+  /// object unchanged.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::periodic_average::load";
+    in.begin("gcomp::periodic_average", 1);
+    const auto period = in.value<std::uint64_t>("period");
+    const auto steps = in.value<std::uint64_t>("steps");
+    const auto rounds = in.value<std::uint64_t>("rounds");
+    comm_stats traffic;
+    traffic.bytes_sent = in.value<std::uint64_t>("bytes_sent");
+    traffic.bytes_received = in.value<std::uint64_t>("bytes_received");
+    traffic.collectives = in.value<std::uint64_t>("collectives");
+    const auto size = in.value<std::uint64_t>("size");
+    in.end();
+    require(period == options_.period, where, "the checkpoint averages every ", period,
+            " steps but this object every ", options_.period);
+    require((rounds == 0) == (size == size_unset), where, "the checkpoint records ", rounds,
+            " rounds but ", size == size_unset ? "no" : "a", " parameter size");
+    if (size_ != unsized && size != size_unset)
+      require(size == size_, where, "the checkpoint averaged parameters of size ", size,
+              " but this object averages parameters of size ", size_);
+    steps_ = steps;
+    rounds_ = rounds;
+    traffic_ = traffic;
+    last_traffic_ = {};
+    last_disagreement_ = std::numeric_limits<double>::quiet_NaN();
+    size_ = size == size_unset ? unsized : static_cast<std::size_t>(size);
+  }
+
+  /// The "size" a checkpoint records before the first round.
+  static constexpr std::uint64_t size_unset = std::numeric_limits<std::uint64_t>::max();
 
  private:
   // One object averages one model: a size change is a caller's bug.

@@ -27,7 +27,9 @@
 #include <vector>
 
 #include "gcomp/aggregate/detail/replicated_messages.hpp"
+#include "gcomp/aggregate/lazy.hpp"  // detail::checkpointed_messages, shared with lazy<allgather>
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/message.hpp"
@@ -140,6 +142,56 @@ class model_history {
     dimension_ = 0;
   }
 
+  /// Section "gcomp::model_history", version 1: depth, pushes, dimension and
+  /// the size() models held, oldest first (ago(size()) ... ago(1)).
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::model_history", 1);
+    out.value("depth", static_cast<std::uint64_t>(depth_));
+    out.value("pushes", pushes_);
+    out.value("dimension", static_cast<std::uint64_t>(dimension_));
+    std::vector<T> models;
+    models.reserve(size() * dimension_);
+    for (std::size_t d = size(); d >= 1; --d) {
+      const auto m = ago(d);
+      models.insert(models.end(), m.begin(), m.end());
+    }
+    out.array("models", models);
+    out.end();
+  }
+
+  /// Reads what save() wrote; a checkpoint of another depth, or whose models
+  /// do not add up, is rejected with the history unchanged.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::model_history::load";
+    in.begin("gcomp::model_history", 1);
+    const auto depth = in.value<std::uint64_t>("depth");
+    const auto pushes = in.value<std::uint64_t>("pushes");
+    const auto dimension = in.value<std::uint64_t>("dimension");
+    const auto models = in.vector<T>("models");
+    in.end();
+    require(depth == depth_, where, "the checkpoint's history holds ", depth,
+            " models but this one holds ", depth_);
+    require(pushes != 0 || dimension == 0, where, "a history without pushes has dimension ",
+            dimension);
+    const std::uint64_t held = std::min<std::uint64_t>(pushes, depth);
+    require(dimension == 0 ? models.empty() : models.size() / dimension == held &&
+                                                  models.size() % dimension == 0,
+            where, "the checkpoint holds ", models.size(), " values, not ", held,
+            " models of dimension ", dimension);
+    std::vector<T> buffer(pushes != 0 ? depth_ * static_cast<std::size_t>(dimension) : 0);
+    const std::size_t n = static_cast<std::size_t>(dimension);
+    for (std::uint64_t j = 0; j < held; ++j) {
+      // models[j] is the one pushed held - j pushes ago, at push number pushes - held + j.
+      const std::size_t slot = static_cast<std::size_t>((pushes - held + j) % depth_);
+      std::copy_n(models.begin() + static_cast<std::ptrdiff_t>(j * n), n,
+                  buffer.begin() + static_cast<std::ptrdiff_t>(slot * n));
+    }
+    pushes_ = pushes;
+    dimension_ = n;
+    buffer_ = std::move(buffer);
+  }
+
  private:
   std::size_t depth_;
   std::uint64_t pushes_ = 0;
@@ -179,8 +231,34 @@ class refresh_schedule {
 /// decompress(q_r); a rank that has never sent adds nothing. Received bytes
 /// are decoded as untrusted input before anything is stored, so a corrupt
 /// message throws with the stored messages and `global` unchanged.
+///
+/// As a gcomp::aggregator (aggregate without a mask, e.g. inside
+/// gcomp::pipeline) the due ranks of step key.step are those the server's
+/// refresh_schedule marks: with period 1 every rank sends every step and
+/// global is the sum of the fresh messages; with period p each rank's
+/// message is up to p - 1 steps stale.
+///
+/// save()/load() checkpoint every rank's last message (in wire form). As
+/// with lazy<allgather>, a server that has not stepped yet does not know the
+/// payload type, so the loaded messages are decoded at the next aggregate()
+/// (a message of another compressor throws there, nothing changed), or at
+/// once by load(policy, in, compressor).
 class parameter_server {
  public:
+  explicit parameter_server(refresh_schedule refresh = refresh_schedule{}) : refresh_(refresh) {}
+
+  /// The aggregator form: due ranks from the refresh schedule at key.step.
+  template <class Policy, class Comm, class C, class T>
+    requires compressor<C, Policy, T> && communicator<Comm, Policy, T> &&
+             wire_payload<typename C::payload>
+  void aggregate(const Policy& policy, Comm& comm, C& c, std::span<const T> local,
+                 std::span<T> global, rng_key key) {
+    due_.resize(static_cast<std::size_t>(comm.size()));
+    for (int r = 0; r < comm.size(); ++r)
+      due_[static_cast<std::size_t>(r)] = refresh_.due(key.step, r) ? 1 : 0;
+    aggregate(policy, comm, c, std::span<const std::uint8_t>(due_), local, global, key);
+  }
+
   template <class Policy, class Comm, class C, class T>
     requires compressor<C, Policy, T> && communicator<Comm, Policy, T> &&
              wire_payload<typename C::payload>
@@ -195,10 +273,20 @@ class parameter_server {
     using payload = typename C::payload;
     auto& s = state_.get<state<payload, T>>(where.data());
     auto& store = s.messages;
-    if (store.stored.empty()) s.dimension = global.size();
+    if (ranks_ == 0) {
+      dimension_ = global.size();
+      ranks_ = ranks;
+    }
+    check_same_size(where, "global", global.size(), "the dimension of the held messages",
+                    dimension_);
+    check_same_size(where, "comm.size()", ranks, "the ranks of the held messages", ranks_);
     store.size_for(ranks);
-    check_same_size(where, "global", global.size(), "the dimension of the held messages", s.dimension);
-    check_same_size(where, "comm.size()", ranks, "the ranks of the held messages", store.stored.size());
+    if (loaded_.pending()) {
+      // A checkpoint was loaded before the payload type was known: decode it now.
+      loaded_.install(store, dimension_, where);
+      loaded_ = {};
+    }
+    snapshot_ = &snapshot<payload, T>;
     last_bytes_ = 0;
     const bool anyone = std::any_of(due.begin(), due.end(), [](std::uint8_t d) { return d != 0; });
     if (anyone) {
@@ -229,17 +317,102 @@ class parameter_server {
 
   /// Bytes this worker put on the wire in the last step (0 when not due).
   std::size_t last_bytes() const { return last_bytes_; }
+  const refresh_schedule& refresh() const { return refresh_; }
+  /// The gradient size and group size of the steps so far (0 before the first).
+  std::size_t dimension() const { return dimension_; }
+  std::size_t ranks() const { return ranks_; }
+
+  /// Section "gcomp::parameter_server", version 1: period (to reject a
+  /// checkpoint of another refresh schedule), ranks and dimension (0 before
+  /// the first step), and every rank's last message (message_bytes per rank,
+  /// 0 for none; messages, concatenated in wire form).
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::parameter_server", 1);
+    out.value("period", static_cast<std::uint64_t>(refresh_.period()));
+    out.value("ranks", static_cast<std::uint64_t>(ranks_));
+    out.value("dimension", static_cast<std::uint64_t>(dimension_));
+    if (loaded_.pending() || snapshot_ == nullptr)
+      loaded_.save(out);  // still as loaded, or nothing held yet
+    else
+      snapshot_(state_).save(out);
+    out.end();
+  }
+
+  /// Reads what save() wrote. Rejected, with the server unchanged: another
+  /// period, or, once this server has stepped, another group or gradient
+  /// size; and messages that do not match the recorded sizes.
+  template <class Policy>
+  void load(const Policy&, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::parameter_server::load";
+    in.begin("gcomp::parameter_server", 1);
+    const auto period = in.value<std::uint64_t>("period");
+    const auto ranks = in.value<std::uint64_t>("ranks");
+    const auto dimension = in.value<std::uint64_t>("dimension");
+    require(period == refresh_.period(), where, "the checkpoint's server refreshes with period ",
+            period, " but this one with period ", refresh_.period());
+    require(ranks != 0 || dimension == 0, where, "a server that has not stepped has dimension ",
+            dimension);
+    auto messages = detail::checkpointed_messages::read(in, static_cast<std::size_t>(ranks),
+                                                        dimension, where);
+    in.end();
+    if (ranks_ != 0 && ranks != 0) {
+      require(ranks == ranks_, where, "the checkpoint is of a group of ", ranks,
+              " ranks but this server has served ", ranks_);
+      require(dimension == dimension_, where, "the checkpoint holds messages of size ", dimension,
+              " but this server's are of size ", dimension_);
+    }
+    // The store is rebuilt from the loaded bytes at the next step, when the payload type is known.
+    state_ = detail::typed_slot{};
+    snapshot_ = nullptr;
+    loaded_ = std::move(messages);
+    ranks_ = static_cast<std::size_t>(ranks);
+    dimension_ = static_cast<std::size_t>(dimension);
+    last_bytes_ = 0;
+  }
+
+  /// As load(policy, in), and decodes the messages at once with C's payload
+  /// type (summing in T), so a checkpoint of another compressor is rejected here.
+  template <class Policy, class C>
+    requires wire_payload<typename C::payload>
+  void load(const Policy& policy, checkpoint_reader& in, const C&) {
+    constexpr std::string_view where = "gcomp::parameter_server::load";
+    using payload = typename C::payload;
+    using T = typename C::value_type;
+    parameter_server next(*this);
+    next.load(policy, in);
+    if (next.loaded_.pending()) {
+      auto& store = next.state_.get<state<payload, T>>(where.data()).messages;
+      next.loaded_.install(store, next.dimension_, where);
+      next.loaded_ = {};
+      next.snapshot_ = &snapshot<payload, T>;
+    }
+    *this = std::move(next);
+  }
 
  private:
   template <class P, class T>
   struct state {
     detail::replicated_messages<P> messages;  // q_r, the last message of every rank
     std::vector<T> sum;                       // sum of the q_r before it reaches global
-    std::size_t dimension = 0;
   };
 
+  // Encodes the held messages of a slot that holds state<P, T>.
+  template <class P, class T>
+  static detail::checkpointed_messages snapshot(const detail::typed_slot& slot) {
+    // get() of the type the slot already holds only returns it: nothing is modified.
+    auto& s = const_cast<detail::typed_slot&>(slot).get<state<P, T>>(
+        "gcomp::parameter_server::save");
+    return detail::checkpointed_messages::of(s.messages);
+  }
+
+  refresh_schedule refresh_;
   detail::typed_slot state_;
   std::size_t last_bytes_ = 0;
+  std::size_t ranks_ = 0, dimension_ = 0;  // fixed by the first step (or a checkpoint)
+  std::vector<std::uint8_t> due_;           // the aggregator form's mask
+  detail::checkpointed_messages loaded_;   // loaded, not yet decoded
+  // Encodes the slot's messages; set when the slot gets its type.
+  detail::checkpointed_messages (*snapshot_)(const detail::typed_slot&) = nullptr;
 };
 
 }  // namespace gcomp

@@ -24,9 +24,11 @@
 #include "gcomp/compress/qsgd.hpp"
 #include "gcomp/compress/randomk.hpp"
 #include "gcomp/compress/terngrad.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/core/nonfinite.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/optim/sgd.hpp"
 
@@ -37,6 +39,9 @@ struct stale_options {
   delay_options delay{};     // tau and how each tau_k is drawn
   std::uint64_t seed = 0;    // compression keys: rng_key{seed, k, worker}
   std::size_t period = 1;    // parameter-server form: refresh rule of refresh_schedule; 1 otherwise
+  /// What a step does with a non-finite gradient from the callback;
+  /// configuration, not saved in a checkpoint.
+  on_nonfinite nonfinite = on_nonfinite::skip_step;
 };
 
 // ---------------------------------------------------------------------------
@@ -155,6 +160,58 @@ class stale_core {
     ++step;
   }
 
+  /// The fields both methods' sections open with: the options that shape the
+  /// run (gamma, the delays, the seed, the period), the step, the model's
+  /// dimension, the history and the update's state.
+  void save(checkpoint_writer& out) const {
+    out.value("gamma", options.gamma);
+    out.value("max_delay", static_cast<std::uint64_t>(options.delay.max_delay));
+    out.value("delay_kind", options.delay.kind);
+    out.value("delay_seed", options.delay.seed);
+    out.value("seed", options.seed);
+    out.value("period", static_cast<std::uint64_t>(options.period));
+    out.value("step", step);
+    out.value("dimension", static_cast<std::uint64_t>(lay.total_size()));
+    history.save(out);
+    save_state(out, update);
+  }
+
+  /// Reads what save() wrote into this core (callers load into a copy): a
+  /// checkpoint of other options, or of another model size once this core
+  /// has stepped, is rejected.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in, std::string_view where) {
+    const auto gamma = in.value<double>("gamma");
+    const auto max_delay = in.value<std::uint64_t>("max_delay");
+    const auto kind = in.value<delay_kind>("delay_kind");
+    const auto delay_seed = in.value<std::uint64_t>("delay_seed");
+    const auto seed = in.value<std::uint64_t>("seed");
+    const auto period = in.value<std::uint64_t>("period");
+    require(gamma == options.gamma && max_delay == options.delay.max_delay &&
+                kind == options.delay.kind && delay_seed == options.delay.seed &&
+                seed == options.seed && period == options.period,
+            where, "the checkpoint was written with gamma ", gamma, ", max_delay ", max_delay,
+            ", delay kind ", int(kind), ", delay seed ", delay_seed, ", seed ", seed, ", period ",
+            period, " but this method has gamma ", options.gamma, ", max_delay ",
+            options.delay.max_delay, ", delay kind ", int(options.delay.kind), ", delay seed ",
+            options.delay.seed, ", seed ", options.seed, ", period ", options.period);
+    const auto saved_step = in.value<std::uint64_t>("step");
+    const auto dimension = in.value<std::uint64_t>("dimension");
+    require(saved_step != 0 || dimension == 0, where,
+            "a checkpoint before the first step has a model of size ", dimension);
+    if (step != 0 && saved_step != 0)
+      require(dimension == lay.total_size(), where, "the checkpoint is of a model of size ",
+              dimension, " but this method's model has size ", lay.total_size());
+    history.load(policy, in);
+    require(history.pushes() == saved_step &&
+                (saved_step == 0 || history.dimension() == dimension),
+            where, "the checkpoint's history has ", history.pushes(), " models of size ",
+            history.dimension(), " after ", saved_step, " steps of a model of size ", dimension);
+    load_state(policy, in, update);
+    step = saved_step;
+    lay = saved_step == 0 ? layout{} : layout{static_cast<std::size_t>(dimension)};
+  }
+
   stale_options options;
   delay_schedule delays;
   model_history<T> history;
@@ -179,8 +236,15 @@ class stale_core {
 /// gradient at `model` into out, which has x's size; the step lets a
 /// mini-batch version pick its batch. The update is gcomp::sgd with lr =
 /// gamma. Throws gcomp::error on bad options, a model of another size than
-/// the first step's, or a compressor's refusal (non-finite gradient...), with
-/// x and the method's state unchanged.
+/// the first step's, or a compressor's refusal (non-finite gradient under
+/// on_nonfinite::propagate...), with x and the method's state unchanged.
+///
+/// A non-finite gradient is handled as options.nonfinite says, checked on
+/// this one process (no communication): skip_step (the default) returns
+/// false with x, the step count, the history and the compressor untouched,
+/// so the next step asks for the gradient of step k again; throw_error
+/// throws with the same state kept. save()/load() checkpoint the step, the
+/// history of models, the compressor's and the update's state.
 template <class C>
 class stale_compressed_gd {
  public:
@@ -188,25 +252,69 @@ class stale_compressed_gd {
   using T = value_type;
 
   stale_compressed_gd(C c, stale_options options)
-      : compressor(std::move(c)), core_("gcomp::stale_compressed_gd", options) {
+      : compressor(std::move(c)), core_("gcomp::stale_compressed_gd", options),
+        guard_(options.nonfinite) {
     require(options.period == 1, "gcomp::stale_compressed_gd", "options.period = ", options.period,
             " applies to the parameter-server form only; it must be 1 here");
   }
 
+  /// One step; false when it was skipped for a non-finite gradient.
   template <class Policy, class Gradient>
     requires gcomp::compressor<C, Policy, T> &&
              std::invocable<Gradient&, std::span<const T>, std::uint64_t, std::span<T>>
-  void step(const Policy& policy, std::span<T> x, Gradient&& gradient) {
-    core_.check_model("gcomp::stale_compressed_gd::step", x);
+  bool step(const Policy& policy, std::span<T> x, Gradient&& gradient) {
+    constexpr std::string_view where = "gcomp::stale_compressed_gd::step";
+    core_.check_model(where, x);
     const std::uint64_t k = core_.step;
     const std::size_t delay = core_.delays.delay(k, 0);
     grad_.resize(x.size());
     gradient(core_.model(std::span<const T>(x), delay), k, std::span<T>(grad_));
+    if (!guard_.admit_local(policy, std::span<const T>(grad_), where)) return false;
     compressor.compress(policy, std::span<const T>(grad_), message_, rng_key{core_.options.seed, k, 0});
     update_buffer_.assign(x.size(), T(0));
     compressor.decompress_add(policy, message_, std::span<T>(update_buffer_), T(1));
     core_.advance(policy, x, std::span<const T>(update_buffer_));
     last_delay_ = delay;
+    return true;
+  }
+
+  /// Steps skipped for a non-finite gradient (not in steps()).
+  std::uint64_t skipped_steps() const { return guard_.skipped_steps(); }
+  on_nonfinite nonfinite_action() const { return guard_.action(); }
+  void set_nonfinite_action(on_nonfinite action) { guard_.set_action(action); }
+
+  /// Section "gcomp::stale_compressed_gd", version 1: gamma, max_delay,
+  /// delay_kind, delay_seed, seed, period, step, dimension, the history
+  /// ("gcomp::model_history"), the update's state (gcomp::sgd), the guard's
+  /// counts, the compressor's state, last_delay.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::stale_compressed_gd", 1);
+    core_.save(out);
+    guard_.save(out);
+    save_state(out, compressor);
+    out.value("last_delay", static_cast<std::uint64_t>(last_delay_));
+    out.end();
+  }
+
+  /// Reads what save() wrote, all or nothing: a checkpoint of another method,
+  /// of other options or (once this object has stepped) of another model size
+  /// is rejected with the object unchanged. last_update() starts empty.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::stale_compressed_gd::load";
+    stale_compressed_gd next(*this);
+    in.begin("gcomp::stale_compressed_gd", 1);
+    next.core_.load(policy, in, where);
+    next.guard_.load(policy, in);
+    load_state(policy, in, next.compressor);
+    const auto last_delay = in.value<std::uint64_t>("last_delay");
+    in.end();
+    require(last_delay <= next.core_.options.delay.max_delay, where, "last_delay ", last_delay,
+            " exceeds max_delay ", next.core_.options.delay.max_delay);
+    next.last_delay_ = static_cast<std::size_t>(last_delay);
+    next.update_buffer_.clear();
+    next.guard_.set_action(guard_.action());
+    *this = std::move(next);
   }
 
   std::uint64_t steps() const { return core_.step; }
@@ -221,6 +329,7 @@ class stale_compressed_gd {
 
  private:
   detail::stale_core<T> core_;
+  nonfinite_guard<T> guard_;
   typename C::payload message_;
   std::vector<T> grad_;           // g_k
   std::vector<T> update_buffer_;  // Q(g_k), decoded
@@ -236,6 +345,17 @@ class stale_compressed_gd {
 /// Q is keyed rng_key{seed, k, m}. gradient(model, step, out) is called only
 /// on the steps this worker is due, with its own f_m (full or mini-batch).
 /// The sum is over workers, not the mean: L is the smoothness of f = sum f_m.
+///
+/// Non-finite gradients (options.nonfinite): on every step where some worker
+/// is due, the workers sum one flag (one more all-reduce of one T; a step
+/// where none is due still needs no collective) saying whether a due
+/// worker's gradient holds NaN or Inf. With skip_step (the default) every
+/// worker then skips the step: x, the step count, the history, the stored
+/// messages and the compressor stay as they were, step() returns false, and
+/// the next step asks the due workers for the gradient of step k again.
+/// throw_error throws on every worker with the same state kept.
+/// save()/load() checkpoint the step, the history, every worker's last
+/// message, the compressor's and the update's state, and the counts.
 template <class C>
 class stale_parameter_server {
  public:
@@ -244,17 +364,24 @@ class stale_parameter_server {
 
   stale_parameter_server(C c, stale_options options)
       : compressor(std::move(c)), core_("gcomp::stale_parameter_server", options),
-        refresh_(options.period) {}
+        refresh_(options.period), server_(refresh_schedule(options.period)),
+        guard_(options.nonfinite) {}
 
+  /// One step; false when every worker skipped it for a non-finite gradient.
   template <class Policy, class Comm, class Gradient>
     requires gcomp::compressor<C, Policy, T> && communicator<Comm, Policy, T> &&
              std::invocable<Gradient&, std::span<const T>, std::uint64_t, std::span<T>>
-  void step(const Policy& policy, Comm& comm, std::span<T> x, Gradient&& gradient) {
-    core_.check_model("gcomp::stale_parameter_server::step", x);
+  bool step(const Policy& policy, Comm& comm, std::span<T> x, Gradient&& gradient) {
+    constexpr std::string_view where = "gcomp::stale_parameter_server::step";
+    core_.check_model(where, x);
     const std::uint64_t k = core_.step;
     const int me = comm.rank();
     due_.resize(static_cast<std::size_t>(comm.size()));
-    for (int r = 0; r < comm.size(); ++r) due_[static_cast<std::size_t>(r)] = refresh_.due(k, r) ? 1 : 0;
+    bool anyone = false;
+    for (int r = 0; r < comm.size(); ++r) {
+      due_[static_cast<std::size_t>(r)] = refresh_.due(k, r) ? 1 : 0;
+      anyone = anyone || refresh_.due(k, r);
+    }
     const bool sending = due_[static_cast<std::size_t>(me)] != 0;
     grad_.resize(x.size());
     std::size_t delay = 0;
@@ -262,6 +389,12 @@ class stale_parameter_server {
       delay = core_.delays.delay(k, static_cast<std::uint32_t>(me));
       gradient(core_.model(std::span<const T>(x), delay), k, std::span<T>(grad_));
     }
+    // Only due workers computed a gradient; the others check nothing but
+    // join the flag's all-reduce. Every worker knows whether anyone is due.
+    if (anyone && !guard_.admit(policy, comm,
+                                sending ? std::span<const T>(grad_) : std::span<const T>(),
+                                where))
+      return false;
     sum_.resize(x.size());
     server_.aggregate(policy, comm, compressor, std::span<const std::uint8_t>(due_),
                       std::span<const T>(grad_), std::span<T>(sum_),
@@ -272,6 +405,59 @@ class stale_parameter_server {
       last_delay_ = delay;
     }
     last_sent_ = sending;
+    return true;
+  }
+
+  /// Steps every worker skipped for a non-finite gradient (not in steps()).
+  std::uint64_t skipped_steps() const { return guard_.skipped_steps(); }
+  on_nonfinite nonfinite_action() const { return guard_.action(); }
+  void set_nonfinite_action(on_nonfinite action) { guard_.set_action(action); }
+
+  /// Section "gcomp::stale_parameter_server", version 1: the core's fields
+  /// (as stale_compressed_gd's), the guard's counts, the compressor's state,
+  /// the server ("gcomp::parameter_server": every worker's last message),
+  /// uploads and last_delay.
+  void save(checkpoint_writer& out) const {
+    out.begin("gcomp::stale_parameter_server", 1);
+    core_.save(out);
+    guard_.save(out);
+    save_state(out, compressor);
+    server_.save(out);
+    out.value("uploads", uploads_);
+    out.value("last_delay", static_cast<std::uint64_t>(last_delay_));
+    out.end();
+  }
+
+  /// Reads what save() wrote, all or nothing: a checkpoint of another method,
+  /// of other options, of another compressor or (once this object has
+  /// stepped) of another model or group size is rejected with the object
+  /// unchanged. last_update() and last_sent() start empty.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::stale_parameter_server::load";
+    stale_parameter_server next(*this);
+    in.begin("gcomp::stale_parameter_server", 1);
+    next.core_.load(policy, in, where);
+    next.guard_.load(policy, in);
+    load_state(policy, in, next.compressor);
+    next.server_.load(policy, in, next.compressor);
+    const auto uploads = in.value<std::uint64_t>("uploads");
+    const auto last_delay = in.value<std::uint64_t>("last_delay");
+    in.end();
+    const std::uint64_t steps = next.core_.step;
+    require(uploads <= steps &&
+                (steps == 0 || next.server_.dimension() == next.core_.lay.total_size()),
+            where, "the checkpoint records ", uploads, " uploads and messages of size ",
+            next.server_.dimension(), " after ", steps, " steps of a model of size ",
+            next.core_.lay.total_size());
+    require(last_delay <= next.core_.options.delay.max_delay, where, "last_delay ", last_delay,
+            " exceeds max_delay ", next.core_.options.delay.max_delay);
+    next.uploads_ = uploads;
+    next.last_delay_ = static_cast<std::size_t>(last_delay);
+    next.last_sent_ = false;
+    next.sum_.clear();
+    next.guard_.set_action(guard_.action());
+    *this = std::move(next);
   }
 
   std::uint64_t steps() const { return core_.step; }
@@ -297,6 +483,7 @@ class stale_parameter_server {
   detail::stale_core<T> core_;
   refresh_schedule refresh_;
   parameter_server server_;
+  nonfinite_guard<T> guard_;
   std::vector<std::uint8_t> due_;
   std::vector<T> grad_;  // this worker's g at its stale model
   std::vector<T> sum_;   // sum of the q_m
