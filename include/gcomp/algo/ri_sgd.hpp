@@ -3,6 +3,7 @@
 // local SGD as its mu = 0 case.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -12,10 +13,12 @@
 
 #include "gcomp/aggregate/periodic_average.hpp"
 #include "gcomp/comm/stats.hpp"
+#include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "gcomp/core/nonfinite.hpp"
 #include "gcomp/data/shard.hpp"
 #include "gcomp/exec/buffer.hpp"
 #include "gcomp/optim/sgd.hpp"
@@ -38,6 +41,13 @@ struct ri_sgd_options {
   std::uint64_t seed = 0;
   /// Measure ||x_m - mean||^2 before every average (periodic_average_options).
   bool measure_disagreement = false;
+  /// A local gradient with NaN/Inf: skip_step leaves the local model and its
+  /// momentum as they were but still counts the step, so that every worker
+  /// reaches the averaging rounds together; the decision is this worker's own
+  /// (local steps communicate nothing, and one worker's model is its own
+  /// business until it is averaged). throw_error throws with nothing changed;
+  /// propagate takes the step as it is.
+  on_nonfinite nonfinite = on_nonfinite::skip_step;
 };
 
 /// One worker of RI-SGD. Per local step the trainer asks batch() for the
@@ -67,7 +77,8 @@ class ri_sgd {
         sampler_(plan_, worker, options.own_batch, options.seed),
         optimizer_(options.optimizer),
         averager_(periodic_average_options{options.period, options.measure_disagreement}),
-        batch_(sampler_.batch_size()) {}
+        batch_(sampler_.batch_size()),
+        guard_(options.nonfinite) {}
 
   const ri_sgd_options& options() const { return options_; }
   int worker() const { return worker_; }
@@ -85,7 +96,8 @@ class ri_sgd {
   }
 
   /// One local step with the gradient of the local model on batch(); returns
-  /// whether the parameters were averaged afterwards. comm must be the group
+  /// whether the parameters were averaged afterwards. A non-finite gradient is
+  /// handled as options().nonfinite says (skipped_steps() counts the skips). comm must be the group
   /// of the remaining workers, this worker at rank plan().survivor_rank().
   /// Argument errors throw before params change; a collective that fails on
   /// another rank throws after the local step, with params restored to this
@@ -109,7 +121,7 @@ class ri_sgd {
     // before the local step rather than in the averaging after it.
     if (steps() > 0)
       check_same_size(where, "params", params.size(), "the parameters of earlier steps", size_);
-    optimizer_.step(policy, lay, params, grads);
+    if (guard_.admit_local(policy, grads, where)) optimizer_.step(policy, lay, params, grads);
     size_ = params.size();
     return average_or_restore(where, policy, comm, params);
   }
@@ -153,6 +165,75 @@ class ri_sgd {
   comm_stats traffic() const { return averager_.traffic(); }
   /// ||x_m - mean||^2 before the last average (measure_disagreement).
   double last_disagreement() const { return averager_.last_disagreement(); }
+
+  /// Local steps whose update was skipped for a non-finite gradient.
+  std::uint64_t skipped_steps() const { return guard_.skipped_steps(); }
+
+  /// Section "gcomp::ri_sgd", version 1: the plan's shape (samples, workers,
+  /// redundancy, must match) and survivors, this worker, the model size, the
+  /// guard, the local optimizer (momentum) and the averager (step and round
+  /// counts). The mini-batch stream is a function of the step, so it resumes
+  /// by itself. A round that failed and is pending cannot be saved: redo it first.
+  void save(checkpoint_writer& out) const {
+    require(!pending_, "gcomp::ri_sgd::save",
+            "an averaging round is pending; call redo_average before saving");
+    out.begin("gcomp::ri_sgd", 1);
+    out.value("samples", static_cast<std::uint64_t>(plan_.samples()));
+    out.value("workers", static_cast<std::int32_t>(plan_.workers()));
+    out.value("redundancy", plan_.redundancy());
+    out.value("worker", static_cast<std::int32_t>(worker_));
+    out.array("survivors", plan_.survivors());
+    out.value("size", static_cast<std::uint64_t>(size_));
+    guard_.save(out);
+    save_state(out, optimizer_);
+    save_state(out, averager_);
+    out.end();
+  }
+
+  /// Reads what save() wrote; a checkpoint of another plan, worker or model
+  /// size is rejected with this object unchanged. Workers removed in the
+  /// checkpoint are removed here too.
+  template <class Policy>
+  void load(const Policy& policy, checkpoint_reader& in) {
+    constexpr std::string_view where = "gcomp::ri_sgd::load";
+    require(!pending_, where, "an averaging round is pending; call redo_average before loading");
+    ri_sgd next(*this);
+    in.begin("gcomp::ri_sgd", 1);
+    const auto samples = in.value<std::uint64_t>("samples");
+    const auto workers = in.value<std::int32_t>("workers");
+    const auto redundancy = in.value<double>("redundancy");
+    const auto worker = in.value<std::int32_t>("worker");
+    const auto survivors = in.vector<int>("survivors");
+    const auto size = in.value<std::uint64_t>("size");
+    require(samples == plan_.samples() && workers == plan_.workers() &&
+                redundancy == plan_.redundancy(),
+            where, "the checkpoint's plan has ", samples, " samples, ", workers,
+            " workers and redundancy ", redundancy, " but this one has ", plan_.samples(), ", ",
+            plan_.workers(), " and ", plan_.redundancy());
+    require(worker == worker_, where, "the checkpoint is worker ", worker, "'s, this is worker ",
+            worker_, "'s");
+    if (size_ != 0)
+      require(size == size_, where, "the checkpoint's model has ", size,
+              " parameters but this one has ", size_);
+    const auto now = plan_.survivors();
+    for (std::size_t i = 0; i < survivors.size(); ++i)
+      require(survivors[i] >= 0 && survivors[i] < workers && (i == 0 || survivors[i] > survivors[i - 1]),
+              where, "the checkpoint's survivors are not increasing worker indices (entry ", i,
+              " is ", survivors[i], ")");
+    for (int w : survivors)
+      require(plan_.active(w), where, "worker ", w,
+              " survives in the checkpoint but was removed here");
+    for (int w : now)
+      if (!std::binary_search(survivors.begin(), survivors.end(), w)) next.plan_.remove(w);
+    next.size_ = static_cast<std::size_t>(size);
+    next.guard_.load(policy, in);
+    load_state(policy, in, next.optimizer_);
+    load_state(policy, in, next.averager_);
+    in.end();
+    next.guard_.set_action(guard_.action());
+    next.batch_step_ = static_cast<std::uint64_t>(-1);
+    *this = std::move(next);
+  }
 
   sgd<T>& optimizer() { return optimizer_; }
   const sgd<T>& optimizer() const { return optimizer_; }
@@ -213,6 +294,7 @@ class ri_sgd {
   policy_buffer<T> backup_;  // the parameters before the current round
   bool pending_ = false;     // a round failed and awaits redo_average()
   std::uint64_t batch_step_ = static_cast<std::uint64_t>(-1);  // the step batch_ was drawn for
+  nonfinite_guard<T> guard_;
 };
 
 /// The options of local SGD: ri_sgd_options' defaults with redundancy 0.
