@@ -28,9 +28,10 @@ HEADER = 24  # wire header (docs/wire.md)
 
 # Methods whose every step starts with gcomp's non-finite check: an all-reduce
 # of one float per worker (core/nonfinite.hpp), counted in bytes_sent but not
-# part of the method's own contract below.
+# part of the method's own contract below. (The stale server checks only on
+# steps with a worker due; its ratio bounds absorb those 4 bytes.)
 GUARDED = {"dense", "topk-ef", "randomk", "qsgd", "terngrad", "sign-ef", "powersgd", "jointspar",
-           "jointspar-lars", "divcomm-adam"}
+           "jointspar-lars", "divcomm-adam", "lag", "sasg"}
 # divcomm-adam reports its foreground traffic without the check's bytes.
 FOREGROUND_WITHOUT_FLAG = {"divcomm-adam"}
 FLAG_BYTES = 4
