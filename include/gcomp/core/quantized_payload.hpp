@@ -52,8 +52,11 @@ GCOMP_HD constexpr std::size_t word_count(std::size_t n, unsigned bits) {
 }
 
 /// Number of scales a bucketed payload of n elements has.
+/// Written without n + bucket - 1, which wraps for a bucket near 2^64 (a
+/// decoded bucket is untrusted; the fuzzer found the decoder and encoder
+/// disagreeing on it).
 GCOMP_HD constexpr std::size_t bucket_count(std::size_t n, std::size_t bucket) {
-  return bucket == 0 ? 0 : (n + bucket - 1) / bucket;
+  return bucket == 0 ? 0 : n / bucket + (n % bucket != 0 ? 1 : 0);
 }
 
 /// Code i of the stream.
