@@ -12,6 +12,9 @@
 #include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/half.hpp"
 #include "gcomp/exec/host.hpp"
+#include "checkpoint_checks.hpp"
+
+using gcomp::test::message_of;
 
 namespace {
 
@@ -38,16 +41,6 @@ struct toy_part {
     values = std::move(v);
   }
 };
-
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  FAIL("no gcomp::error was thrown");
-  return {};
-}
 
 std::vector<std::byte> sample_checkpoint() {
   gcomp::checkpoint_writer w;

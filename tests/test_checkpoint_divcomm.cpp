@@ -17,10 +17,13 @@
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/core/checkpoint.hpp"
 #include "least_squares.hpp"
+#include "checkpoint_checks.hpp"
 
 using namespace gcomp::test::least_squares;
 using gcomp::background_payload;
 using gcomp::test::expect_error;
+
+using gcomp::test::check_rejected;
 
 namespace {
 
@@ -95,12 +98,6 @@ method trained(method d, const gcomp::layout& l, int steps) {
   return d;
 }
 
-// Loading `bytes` into `d` must throw with `needle` and leave every saved field as it was.
-void check_rejected(method& d, const bytes_t& bytes, const std::string& needle) {
-  const bytes_t before = gcomp::checkpoint_bytes(d);
-  expect_error([&] { gcomp::load_checkpoint(seq, std::span<const std::byte>(bytes), d); }, needle);
-  CHECK(gcomp::checkpoint_bytes(d) == before);
-}
 
 }  // namespace
 

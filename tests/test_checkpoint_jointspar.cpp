@@ -16,9 +16,12 @@
 #include "gcomp/comm/inproc.hpp"
 #include "gcomp/core/checkpoint.hpp"
 #include "least_squares.hpp"
+#include "checkpoint_checks.hpp"
 
 using namespace gcomp::test::least_squares;
 using gcomp::test::expect_error;
+
+using gcomp::test::check_rejected;
 
 namespace {
 
@@ -135,13 +138,6 @@ JS trained(JS js, const gcomp::layout& lay, int steps) {
   return js;
 }
 
-// Loading `bytes` into `js` must throw with `needle` and leave every saved field as it was.
-template <class JS>
-void check_rejected(JS& js, const bytes_t& bytes, const std::string& needle) {
-  const bytes_t before = gcomp::checkpoint_bytes(js);
-  expect_error([&] { gcomp::load_checkpoint(seq, std::span<const std::byte>(bytes), js); }, needle);
-  CHECK(gcomp::checkpoint_bytes(js) == before);
-}
 
 }  // namespace
 

@@ -13,8 +13,11 @@
 #include "gcomp/algo/ri_sgd.hpp"
 #include "gcomp/comm/inproc.hpp"
 #include "least_squares.hpp"
+#include "checkpoint_checks.hpp"
 
 using namespace gcomp::test::least_squares;
+
+using gcomp::test::same_bits;
 
 namespace {
 
@@ -47,9 +50,6 @@ void train(const problem& p, gcomp::ri_sgd<double>& ri, gcomp::inproc_comm& comm
 
 const auto no_poison = [](int, std::vector<double>&) {};
 
-bool same_bits(const std::vector<double>& a, const std::vector<double>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(double)) == 0;
-}
 
 }  // namespace
 

@@ -23,9 +23,14 @@
 #include "gcomp/optim/sgd.hpp"
 #include "gcomp/pipeline.hpp"
 #include "least_squares.hpp"
+#include "checkpoint_checks.hpp"
 
 using namespace gcomp::test::least_squares;
 using bytes_t = std::vector<std::byte>;
+
+using gcomp::test::check_rejected;
+using gcomp::test::message_of;
+using gcomp::test::same_bits;
 
 namespace {
 
@@ -36,19 +41,7 @@ const problem data = make_problem(2024);
 constexpr auto same_minibatch = gcomp::lazy_rule_form::same_minibatch;
 constexpr auto last_uploaded = gcomp::lazy_rule_form::last_uploaded;
 
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  return "no gcomp::error was thrown";
-}
 
 // Worker m's rows at stream position t: its mini-batch, or its whole shard.
 std::vector<std::size_t> rows_of(int m, int t, bool full) {
@@ -167,18 +160,6 @@ bytes_t sasg_checkpoint(int steps) {
     if (comm.rank() == 0) out = gcomp::checkpoint_bytes(method);
   });
   return out;
-}
-
-// Loading `bytes` into `part` must throw a gcomp::error containing `expected`
-// and leave the part's state exactly as it was.
-template <class Part>
-void check_rejected(Part& part, const bytes_t& bytes, const std::string& expected) {
-  const bytes_t before = gcomp::checkpoint_bytes(part);
-  const std::string what =
-      message_of([&] { gcomp::load_checkpoint(gcomp::host_seq{}, bytes, part); });
-  INFO(what);
-  CHECK(what.find(expected) != std::string::npos);
-  CHECK(gcomp::checkpoint_bytes(part) == before);
 }
 
 constexpr std::size_t n = 50, k = 7;

@@ -23,27 +23,20 @@
 #include "gcomp/exec/host.hpp"
 #include "gcomp/optim/sgd.hpp"
 #include "gcomp/pipeline.hpp"
+#include "checkpoint_checks.hpp"
 
 using bytes_t = std::vector<std::byte>;
+
+using gcomp::test::check_rejected;
+using gcomp::test::message_of;
+using gcomp::test::same_bits;
 
 namespace {
 
 constexpr int group_size = 3;
 constexpr std::size_t dims = 24;
 
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
-std::string message_of(auto&& f) {
-  try {
-    f();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  return "no gcomp::error was thrown";
-}
 
 // Worker m's stochastic gradient at stream position p: its own quadratic
 // f_m(x) = 1/2 sum_j h_mj (x_j - x*_j)^2 plus a batch noise fixed by (m, p).
@@ -163,15 +156,6 @@ auto ps_ef_topk() {
       gcomp::error_feedback<gcomp::topk<double>>(gcomp::topk<double>({.k = 5})), ps_options);
 }
 
-template <class Part>
-void check_rejected(Part& part, const bytes_t& bytes, const std::string& expected) {
-  const bytes_t before = gcomp::checkpoint_bytes(part);
-  const std::string what =
-      message_of([&] { gcomp::load_checkpoint(gcomp::host_seq{}, bytes, part); });
-  INFO(what);
-  CHECK(what.find(expected) != std::string::npos);
-  CHECK(gcomp::checkpoint_bytes(part) == before);
-}
 
 // Rank 0's parameter-server state after `steps` positions on 3 workers.
 template <class Make>

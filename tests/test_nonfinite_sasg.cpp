@@ -16,9 +16,13 @@
 #include "gcomp/core/nonfinite.hpp"
 #include "gcomp/exec/host.hpp"
 #include "least_squares.hpp"
+#include "checkpoint_checks.hpp"
 
 using namespace gcomp::test::least_squares;
 using bytes_t = std::vector<std::byte>;
+
+using gcomp::test::same_bits;
+using gcomp::test::without_guard_counts;
 
 namespace {
 
@@ -31,31 +35,6 @@ const problem data = make_problem(2024);
 // Where the poison goes: nowhere (the stream lacks the position instead),
 // into worker 1's gradient, or into worker 2's gradient_at output.
 enum class poison { lacking, gradient, gradient_at };
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-// The checkpoint with the non-finite guard's two counts (and the header's
-// CRC, which covers them) zeroed: a skipped step may differ from no step in
-// those counts only, which the tests check on their own. The guard's section
-// is "gcomp::nonfinite_guard" (version u32, length u64) with two u64 values,
-// each after its name, type, shape, element size and count.
-bytes_t without_guard_counts(bytes_t b) {
-  const std::string kind = "gcomp::nonfinite_guard";
-  const auto it = std::search(b.begin(), b.end(), kind.begin(), kind.end(),
-                              [](std::byte x, char c) { return x == std::byte(c); });
-  REQUIRE(it != b.end());
-  auto p = std::size_t(it - b.begin()) + kind.size() + 4 + 8;
-  for (int field = 0; field < 2; ++field) {
-    p += 1 + std::size_t(b[p]) + 1 + 1 + 4 + 8;
-    std::fill_n(b.begin() + std::ptrdiff_t(p), 8, std::byte{0});
-    p += 8;
-  }
-  std::fill_n(b.begin() + 24, 4, std::byte{0});
-  return b;
-}
 
 struct run_result {
   std::vector<std::vector<double>> x;       // per worker, at the end

@@ -24,39 +24,18 @@
 #include "gcomp/exec/host.hpp"
 #include "gcomp/optim/sgd.hpp"
 #include "gcomp/pipeline.hpp"
+#include "checkpoint_checks.hpp"
 
 using bytes_t = std::vector<std::byte>;
+
+using gcomp::test::same_bits;
+using gcomp::test::without_guard_counts;
 
 namespace {
 
 constexpr int group_size = 3;
 constexpr int positions = 30;
 constexpr std::size_t dims = 24, bad_index = 5;
-
-template <class T>
-bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-// The checkpoint with the non-finite guard's two counts (and the header's
-// CRC, which covers them) zeroed: a skipped step may differ from no step in
-// those counts only, which the tests check on their own. The guard's section
-// is "gcomp::nonfinite_guard" (version u32, length u64) with two u64 values,
-// each after its name, type, shape, element size and count.
-bytes_t without_guard_counts(bytes_t b) {
-  const std::string kind = "gcomp::nonfinite_guard";
-  const auto it = std::search(b.begin(), b.end(), kind.begin(), kind.end(),
-                              [](std::byte x, char c) { return x == std::byte(c); });
-  REQUIRE(it != b.end());
-  auto p = std::size_t(it - b.begin()) + kind.size() + 4 + 8;
-  for (int field = 0; field < 2; ++field) {
-    p += 1 + std::size_t(b[p]) + 1 + 1 + 4 + 8;
-    std::fill_n(b.begin() + std::ptrdiff_t(p), 8, std::byte{0});
-    p += 8;
-  }
-  std::fill_n(b.begin() + 24, 4, std::byte{0});
-  return b;
-}
 
 // Worker m's stochastic gradient at stream position p (its own quadratic
 // plus a batch noise fixed by (m, p)).

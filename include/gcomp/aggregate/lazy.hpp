@@ -22,102 +22,6 @@
 
 namespace gcomp {
 
-namespace detail {
-
-/// A replicated store's messages in checkpoint form: every rank's last message
-/// encoded as on the wire, empty for a rank that has never sent. An aggregator
-/// learns its payload type only at its first step, so a store loaded into a
-/// fresh aggregator stays in this form until the next step decodes it (as
-/// untrusted input, like a received message). lazy<allgather> and
-/// parameter_server share it.
-struct checkpointed_messages {
-  std::vector<std::vector<std::byte>> by_rank;  // empty: nothing loaded (or nothing held)
-
-  /// Whether a loaded store waits for its payload type.
-  bool pending() const { return !by_rank.empty(); }
-
-  template <class P>
-  static checkpointed_messages of(const replicated_messages<P>& store) {
-    checkpointed_messages out;
-    out.by_rank.resize(store.stored.size());
-    for (std::size_t r = 0; r < store.stored.size(); ++r)
-      if (store.held[r] != 0) encode(store.stored[r], out.by_rank[r]);
-    return out;
-  }
-
-  /// Two fields: the bytes of each rank's message (0: none) and all of them in rank order.
-  void save(checkpoint_writer& out) const {
-    std::vector<std::uint64_t> sizes;
-    std::vector<std::byte> all;
-    for (const auto& m : by_rank) {
-      sizes.push_back(m.size());
-      all.insert(all.end(), m.begin(), m.end());
-    }
-    out.array("message_bytes", sizes);
-    out.array("messages", all);
-  }
-
-  /// Reads what save() wrote: `ranks` messages (none when ranks is 0) of
-  /// `dimension` elements. Headers are checked here; bodies when decoded.
-  static checkpointed_messages read(checkpoint_reader& in, std::size_t ranks,
-                                    std::uint64_t dimension, std::string_view where) {
-    const auto sizes = in.vector<std::uint64_t>("message_bytes");
-    const auto all = in.vector<std::byte>("messages");
-    require(sizes.size() == ranks, where, "the checkpoint holds messages of ", sizes.size(),
-            " ranks but records ", ranks, " ranks");
-    checkpointed_messages out;
-    out.by_rank.resize(ranks);
-    std::size_t offset = 0;
-    for (std::size_t r = 0; r < ranks; ++r) {
-      require(sizes[r] <= all.size() - offset, where, "the message of rank ", r, " claims ",
-              sizes[r], " bytes but only ", all.size() - offset, " remain");
-      const auto bytes =
-          std::span<const std::byte>(all).subspan(offset, static_cast<std::size_t>(sizes[r]));
-      offset += bytes.size();
-      if (bytes.empty()) continue;
-      const wire::header head = wire::peek(bytes, where);
-      require(head.dimension == dimension, where, "the message of rank ", r, " has dimension ",
-              head.dimension, " but the checkpoint records dimension ", dimension);
-      require(head.body_bytes == bytes.size() - wire::header_bytes, where, "the message of rank ",
-              r, " says its body has ", head.body_bytes, " bytes but ",
-              bytes.size() - wire::header_bytes, " follow its header");
-      out.by_rank[r].assign(bytes.begin(), bytes.end());
-    }
-    require(offset == all.size(), where, "the checkpoint's messages have ", all.size() - offset,
-            " bytes that belong to no rank");
-    return out;
-  }
-
-  /// Decodes every message into temporaries first, so a message that does not
-  /// fit the payload type P (another compressor's) throws with `store` unchanged;
-  /// then the store holds exactly the loaded messages.
-  template <class P>
-  void install(replicated_messages<P>& store, std::uint64_t dimension,
-               std::string_view where) const {
-    std::vector<P> decoded(by_rank.size());
-    for (std::size_t r = 0; r < by_rank.size(); ++r) {
-      if (by_rank[r].empty()) continue;
-      try {
-        decode(std::span<const std::byte>(by_rank[r]), decoded[r], dimension);
-      } catch (const error& e) {
-        fail(where, "the message of rank ", r,
-             " loaded from the checkpoint does not fit this compressor (a checkpoint of another "
-             "method?): ",
-             e.what());
-      }
-    }
-    store.size_for(by_rank.size());
-    check_same_size(where, "the loaded messages", by_rank.size(), "the ranks of the store",
-                    store.stored.size());
-    for (std::size_t r = 0; r < by_rank.size(); ++r) {
-      store.held[r] = by_rank[r].empty() ? 0 : 1;
-      if (!by_rank[r].empty()) std::swap(store.stored[r], decoded[r]);
-    }
-  }
-};
-
-}  // namespace detail
-
 /// How the M messages are combined: their mean (what allgather computes) or
 /// their sum (what LAG's and SASG's servers compute: the step size is already
 /// inside each message).
@@ -342,10 +246,8 @@ class lazy<allgather> {
   // Encodes the held messages of a slot that holds replicated_messages<P>.
   template <class P>
   static detail::checkpointed_messages snapshot(const detail::typed_slot& slot) {
-    // get() of the type the slot already holds only returns it: nothing is modified.
-    auto& store = const_cast<detail::typed_slot&>(slot).get<detail::replicated_messages<P>>(
-        "gcomp::lazy<allgather>::save");
-    return detail::checkpointed_messages::of(store);
+    return detail::checkpointed_messages::of(
+        slot.get<detail::replicated_messages<P>>("gcomp::lazy<allgather>::save"));
   }
 
   std::size_t checked_rank(int rank) const {

@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "gcomp/aggregate/detail/replicated_messages.hpp"
-#include "gcomp/aggregate/lazy.hpp"  // detail::checkpointed_messages, shared with lazy<allgather>
 #include "gcomp/compress/detail/random_sampling.hpp"
 #include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
@@ -399,10 +398,8 @@ class parameter_server {
   // Encodes the held messages of a slot that holds state<P, T>.
   template <class P, class T>
   static detail::checkpointed_messages snapshot(const detail::typed_slot& slot) {
-    // get() of the type the slot already holds only returns it: nothing is modified.
-    auto& s = const_cast<detail::typed_slot&>(slot).get<state<P, T>>(
-        "gcomp::parameter_server::save");
-    return detail::checkpointed_messages::of(s.messages);
+    return detail::checkpointed_messages::of(
+        slot.get<state<P, T>>("gcomp::parameter_server::save").messages);
   }
 
   refresh_schedule refresh_;

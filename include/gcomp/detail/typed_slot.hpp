@@ -56,6 +56,16 @@ class typed_slot {
     return *static_cast<U*>(object_);
   }
 
+  /// The object of type U the slot already holds (for reading it, e.g. to
+  /// save it); an empty slot or another type is a usage error.
+  template <class U>
+  const U& get(const char* where) const {
+    if (!object_ || *type_ != typeid(U))
+      fail(where, "this object holds ", object_ ? type_->name() : "nothing",
+           ", not the payload state of type ", typeid(U).name());
+    return *static_cast<const U*>(object_);
+  }
+
  private:
   void reset() noexcept {
     if (object_) destroy_(object_);
