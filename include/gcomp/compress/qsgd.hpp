@@ -11,14 +11,79 @@
 #include <string_view>
 #include <vector>
 
+#include "gcomp/compress/detail/quant_device.hpp"
 #include "gcomp/compress/detail/quant_kernels.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
+namespace detail {
+
+/// QSGD's code of one element of a bucket (see qsgd_coder): the host loop and
+/// the device kernel both call it, so their codes agree bit for bit.
+template <class T>
+struct qsgd_bucket_coder {
+  T pre, factor, s;
+  unsigned b;
+  /// l = floor(r) + (u < r - floor(r)), r = min(|v| pre factor, s); the sign
+  /// in bit b for a nonzero level. Branch-free, so host loops vectorize.
+  GCOMP_HD std::uint32_t operator()(T v, std::uint32_t random) const {
+    const T a = mul_unfused(mul_unfused(magnitude(v), pre), factor);
+    const T r = s < a ? s : a;
+    // 0 <= r <= s < 2^15: truncation is floor (std::floor would not vectorize).
+    const std::int32_t whole = static_cast<std::int32_t>(r);
+    const T low = static_cast<T>(whole);
+    const T u = unit_from_bits<T>(random);
+    const std::int32_t level = whole + (u < sub_unfused(r, low) ? 1 : 0);
+    const std::uint32_t sign = v < T(0) ? (1u << b) : 0u;
+    return static_cast<std::uint32_t>(level) | (level != 0 ? sign : 0u);
+  }
+};
+
+/// The per-bucket factors of QSGD with s levels and b level bits.
+template <class T>
+struct qsgd_coder {
+  T s;
+  unsigned b;
+  /// s / norm overflows for a tiny (e.g. subnormal) norm, and 0 * inf would
+  /// be NaN: such buckets are scaled up by 2^64 first (exact, and |x| <= norm
+  /// keeps |x| 2^64 finite). pre = 1 leaves every other bucket bit for bit as
+  /// the reference formula computes it.
+  GCOMP_HD qsgd_bucket_coder<T> for_scale(T norm) const {
+    const T largest = sizeof(T) == 4 ? static_cast<T>(__FLT_MAX__) : static_cast<T>(__DBL_MAX__);
+    const bool tiny = norm > T(0) && !(s / norm <= largest);
+    const T pre = tiny ? T(18446744073709551616.0) : T(1);
+    const T factor = norm > T(0) ? s / mul_unfused(norm, pre) : T(0);
+    return {pre, factor, s, b};
+  }
+};
+
+/// out + scale * (the value of one code of a bucket with norm `norm`).
+template <class T>
+struct qsgd_bucket_decoder {
+  T unit, scale;
+  unsigned b;
+  std::uint32_t level_mask;
+  GCOMP_HD T operator()(T out, std::uint32_t code) const {
+    const T v = mul_unfused(static_cast<T>(static_cast<std::int32_t>(code & level_mask)), unit);
+    return add_unfused(out, mul_unfused(scale, (code >> b) != 0 ? -v : v));
+  }
+};
+
+template <class T>
+struct qsgd_decoder {
+  T s;
+  unsigned b;
+  GCOMP_HD qsgd_bucket_decoder<T> for_scale(T norm, T scale) const {
+    return {norm / s, scale, b, (1u << b) - 1};
+  }
+};
+
+}  // namespace detail
 
 struct qsgd_options {
   unsigned levels = 7;       // s = 2^b - 1 with b in [1, 15]: 1, 3, 7, ..., 32767
@@ -71,29 +136,40 @@ class qsgd {
     const unsigned b = level_bits_;
     const T s = static_cast<T>(options_.levels);
     const rng_key stream = key.fork(detail::qsgd_tag);
-    // Norms and codes go to scratch; the message is touched once all is well.
-    detail::resize_words(words_, quantized::word_count(n, b + 1));
-    norms_.resize(bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
-    const auto coder = [b, s](const T* x, const std::uint32_t* random, std::uint32_t* codes,
-                              std::size_t count, T norm) { code_levels(x, random, codes, count, norm, s, b); };
-    // Buckets of whole groups: norm and codes in one pass over the gradient.
-    const bool fused = bucket != 0 && bucket % detail::quant_group == 0 &&
-                       detail::quant_fused_pack(policy, gradient, bucket, detail::quant_stat::l2,
-                                                b + 1, stream, norms_.data(), words_.data(), coder);
-    if (!fused) {
-      detail::quant_bucket_stats(policy, gradient, bucket, detail::quant_stat::l2, norms_,
-                                 where);  // throws before the message is touched
-      const T* g = gradient.data();
-      const T* norms = norms_.data();
-      detail::quant_pack(policy, n, b + 1, stream, words_.data(),
-                         [=](std::size_t first, std::size_t count, const std::uint32_t* random,
-                             std::uint32_t* codes) {
-                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
-                                                                             std::size_t j1,
-                                                                             std::size_t k) {
-                             coder(g + first + j0, random + j0, codes + j0, j1 - j0, norms[k]);
+    const detail::qsgd_coder<T> coder{s, b};
+    if constexpr (!host_policy<Policy>) {
+      // Scales and words computed on the device, then brought to scratch.
+      detail::quant_device_compress(policy, gradient, bucket, detail::quant_stat::l2, b + 1, stream,
+                                    coder, device_, norms_, words_, where);
+    } else {
+      // Norms and codes go to scratch; the message is touched once all is well.
+      detail::resize_words(words_, quantized::word_count(n, b + 1));
+      norms_.resize(bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
+      const auto code_bucket = [coder](const T* x, const std::uint32_t* random, std::uint32_t* codes,
+                                       std::size_t count, T norm) {
+        const detail::qsgd_bucket_coder<T> code = coder.for_scale(norm);
+        for (std::size_t j = 0; j < count; ++j) codes[j] = code(x[j], random[j]);
+      };
+      // Buckets of whole groups: norm and codes in one pass over the gradient.
+      const bool fused = bucket != 0 && bucket % detail::quant_group == 0 &&
+                         detail::quant_fused_pack(policy, gradient, bucket, detail::quant_stat::l2,
+                                                  b + 1, stream, norms_.data(), words_.data(),
+                                                  code_bucket);
+      if (!fused) {
+        detail::quant_bucket_stats(policy, gradient, bucket, detail::quant_stat::l2, norms_,
+                                   where);  // throws before the message is touched
+        const T* g = gradient.data();
+        const T* norms = norms_.data();
+        detail::quant_pack(policy, n, b + 1, stream, words_.data(),
+                           [=](std::size_t first, std::size_t count, const std::uint32_t* random,
+                               std::uint32_t* codes) {
+                             detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                               std::size_t j1,
+                                                                               std::size_t k) {
+                               code_bucket(g + first + j0, random + j0, codes + j0, j1 - j0, norms[k]);
+                             });
                            });
-                         });
+      }
     }
     message.dimension = n;
     message.bits = static_cast<std::uint8_t>(b + 1);
@@ -111,23 +187,24 @@ class qsgd {
                                 bucket == 0 ? 1 : quantized::bucket_count(n, bucket));
     // Every code is valid: a level is at most 2^b - 1 = s.
     const unsigned b = level_bits_;
-    const std::uint32_t level_mask = (1u << b) - 1;
-    const T* norms = message.scales.data();
-    const T s = static_cast<T>(options_.levels);
-    T* o = out.data();
-    detail::quant_unpack(policy, n, b + 1, message.words.data(),
-                         [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
-                           detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
-                                                                             std::size_t j1,
-                                                                             std::size_t k) {
-                             const T unit = norms[k] / s;
-                             T* at = o + first;
-                             for (std::size_t j = j0; j < j1; ++j) {
-                               const T v = static_cast<T>(static_cast<std::int32_t>(codes[j] & level_mask)) * unit;
-                               at[j] += scale * ((codes[j] >> b) != 0 ? -v : v);
-                             }
+    const detail::qsgd_decoder<T> decoder{static_cast<T>(options_.levels), b};
+    if constexpr (!host_policy<Policy>) {
+      detail::quant_device_decompress_add(policy, message, out, scale, bucket, b + 1, decoder,
+                                          device_, where);
+    } else {
+      const T* norms = message.scales.data();
+      T* o = out.data();
+      detail::quant_unpack(policy, n, b + 1, message.words.data(),
+                           [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
+                             detail::split_by_bucket(first, count, bucket, [&](std::size_t j0,
+                                                                               std::size_t j1,
+                                                                               std::size_t k) {
+                               const detail::qsgd_bucket_decoder<T> add = decoder.for_scale(norms[k], scale);
+                               T* at = o + first;
+                               for (std::size_t j = j0; j < j1; ++j) at[j] = add(at[j], codes[j]);
+                             });
                            });
-                         });
+    }
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -149,32 +226,10 @@ class qsgd {
   unsigned level_bits_ = 0;
   std::vector<T> norms_;               // scratch: the norms before they are known to be finite
   std::vector<std::uint64_t> words_;   // scratch, swapped with the message's words
-
-  /// The codes of count elements x[j] of a bucket with norm `norm`:
-  /// l = floor(s |x| / norm + u) as floor(r) + (u < r - floor(r)), r =
-  /// min(|x| s / norm, s), sign in bit b for nonzero levels. Branch-free, so
-  /// the loop vectorizes; the same arithmetic as the reference formula.
-  static void code_levels(const T* x, const std::uint32_t* random, std::uint32_t* codes,
-                          std::size_t count, T norm, T s, unsigned b) {
-    // s / norm overflows for a tiny (e.g. subnormal) norm, and 0 * inf would
-    // be NaN: such buckets are scaled up by 2^64 first (exact, and |x| <= norm
-    // keeps |x| * 2^64 finite). pre = 1 leaves every other bucket bit for bit
-    // as the reference formula computes it.
-    const bool tiny = norm > T(0) && !(s / norm <= std::numeric_limits<T>::max());
-    const T pre = tiny ? T(18446744073709551616.0) : T(1);
-    const T factor = norm > T(0) ? s / (norm * pre) : T(0);
-    for (std::size_t j = 0; j < count; ++j) {
-      const T v = x[j];
-      const T r = std::min(std::fabs(v) * pre * factor, s);
-      // 0 <= r <= s < 2^15: truncation is floor (std::floor would not vectorize).
-      const std::int32_t whole = static_cast<std::int32_t>(r);
-      const T low = static_cast<T>(whole);
-      const T u = detail::unit_from_bits<T>(random[j]);
-      const std::int32_t level = whole + (u < r - low ? 1 : 0);
-      const std::uint32_t sign = v < T(0) ? (1u << b) : 0u;
-      codes[j] = static_cast<std::uint32_t>(level) | (level != 0 ? sign : 0u);
-    }
-  }
+  // Device scratch under cuda_par / thrust_device, sized at the first device
+  // call; decompress_add uses it too, hence mutable: one object must not
+  // decompress on two threads at once under a device policy.
+  mutable detail::quant_device_buffers<T> device_;
 };
 
 }  // namespace gcomp

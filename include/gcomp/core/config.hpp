@@ -12,3 +12,13 @@
 #else
 #define GCOMP_HD
 #endif
+
+// GCC's unrolling hint for host loops; nvcc's front end does not know the
+// pragma (and host code compiled by nvcc gains nothing from it), so it is
+// dropped there.
+#define GCOMP_PRAGMA_STRING(x) #x
+#if defined(__CUDACC__)
+#define GCOMP_UNROLL(n)
+#else
+#define GCOMP_UNROLL(n) _Pragma(GCOMP_PRAGMA_STRING(GCC unroll n))
+#endif

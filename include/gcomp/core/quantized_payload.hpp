@@ -74,6 +74,10 @@ GCOMP_HD inline std::uint32_t read_code(const std::uint64_t* words, std::size_t 
 /// words lets threads pack in parallel without sharing a word; a code that
 /// straddles two words is evaluated for both, so code(i) must be a pure
 /// function of i (counter-based randomness is).
+// Host code passes host-only lambdas here; tell nvcc not to check the callees.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
 template <class Code>
 GCOMP_HD std::uint64_t assemble_word(std::size_t w, std::size_t n, unsigned bits, Code code) {
   const std::size_t first_bit = w * 64;

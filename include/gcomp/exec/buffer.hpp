@@ -162,6 +162,16 @@ class policy_buffer {
     fill(policy, value, where);
   }
 
+  /// Makes the buffer n elements in the memory of `policy` without writing
+  /// them (scratch a kernel overwrites): allocates only if the current memory
+  /// is too small or does not serve the policy; the contents are unspecified.
+  template <buffer_policy Policy>
+  void resize(const Policy& policy, std::size_t n,
+              std::string_view where = "gcomp::policy_buffer::resize") {
+    reserve_for(policy, n, where);
+    size_ = n;
+  }
+
   /// Makes the buffer a copy of host `values` in the memory of `policy`.
   template <buffer_policy Policy>
   void assign_from_host(const Policy& policy, std::span<const T> values,

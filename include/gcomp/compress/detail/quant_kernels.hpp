@@ -47,7 +47,7 @@ inline void philox_blocks(const rng_key& key, std::uint64_t first_block, std::ui
   for (std::size_t j = 0; j < Blocks; ++j) {
     const std::uint64_t block = first_block + j;
     std::uint64_t c0 = block & 0xffffffffu, c1 = block >> 32, c2 = step_lo, c3 = worker;
-#pragma GCC unroll 10
+GCOMP_UNROLL(10)
     for (std::uint32_t round = 0; round < 10; ++round) {
       const std::uint64_t key0 = static_cast<std::uint32_t>(seed_lo + round * philox_w0);
       const std::uint64_t key1 = static_cast<std::uint32_t>(seed_hi + round * philox_w1);
@@ -67,7 +67,7 @@ inline void philox_blocks(const rng_key& key, std::uint64_t first_block, std::ui
 
 /// uniform(key, i) from random_bits(key, i): the top 24 bits times 2^-24.
 template <class T>
-inline T unit_from_bits(std::uint32_t bits) {
+GCOMP_HD inline T unit_from_bits(std::uint32_t bits) {
   return static_cast<T>(bits >> 8) * static_cast<T>(0x1p-24);
 }
 
@@ -235,7 +235,7 @@ inline void pack_group(const std::uint32_t* codes, std::uint64_t* out) {
     }
   } else {
     std::uint64_t acc[Bits] = {};
-#pragma GCC unroll 64
+GCOMP_UNROLL(64)
     for (unsigned j = 0; j < quant_group; ++j) {
       const unsigned bit = j * Bits;
       const unsigned shift = bit % 64;
@@ -259,7 +259,7 @@ inline void unpack_group(const std::uint64_t* in, std::uint32_t* codes) {
         codes[w * per + k] = static_cast<std::uint32_t>((word >> (k * Bits)) & mask);
     }
   } else {
-#pragma GCC unroll 64
+GCOMP_UNROLL(64)
     for (unsigned j = 0; j < quant_group; ++j) {
       const unsigned bit = j * Bits;
       const unsigned shift = bit % 64;

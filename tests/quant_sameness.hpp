@@ -1,0 +1,235 @@
+// Quantizer sameness: qsgd and terngrad under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+//
+// The including test calls check_quantizer_cases(policy) and
+// check_quantizer_errors(policy) from its TEST_CASEs. Gradients and outputs
+// are put in the policy's memory with gcomp::policy_buffer. The device path
+// (compress/detail/quant_device.hpp) shares its coders and decoders with the
+// host loops and reduces in the order of exec/detail/reduce_order.hpp with
+// unfused products, so any difference is a bug, not rounding.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <gcomp/compress/qsgd.hpp>
+#include <gcomp/compress/terngrad.hpp>
+#include <gcomp/core/error.hpp>
+#include <gcomp/core/random.hpp>
+#include <gcomp/exec/buffer.hpp>
+#include <gcomp/exec/host.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace gcomp_test::quant_sameness {
+
+// Normal values with the shapes the code paths care about: exact zeros, a run
+// of subnormals (QSGD's tiny-norm rescaling when a bucket holds only them), an
+// all-zero run (scale 0), negative zeros and repeated magnitudes.
+template <class T>
+std::vector<T> sample_gradient(std::size_t n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::vector<T> g(n);
+  for (std::size_t i = 0; i < n; ++i) g[i] = static_cast<T>(normal(rng));
+  for (std::size_t i = 0; i < n; i += 17) g[i] = T(0);
+  for (std::size_t i = 5; i < n; i += 29) g[i] = -T(0);
+  for (std::size_t i = 3; i < n; i += 31) g[i] = i % 2 == 0 ? T(1.5) : T(-1.5);
+  const T tiny = std::numeric_limits<T>::denorm_min();
+  for (std::size_t i = n / 3; i < n / 3 + 140 && i < n; ++i)
+    g[i] = static_cast<T>(static_cast<double>(tiny) * static_cast<double>(1 + i % 5)) *
+           (i % 2 == 0 ? T(1) : T(-1));
+  for (std::size_t i = n / 2 + 7; i < n / 2 + 160 && i < n; ++i) g[i] = T(0);
+  return g;
+}
+
+template <class T>
+bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+template <class T, class Policy>
+std::vector<T> read_back(const Policy& policy, std::span<const T> device) {
+  std::vector<T> host(device.size());
+  gcomp::copy_to_host(policy, device, std::span<T>(host));
+  return host;
+}
+
+// The gcomp::error text f throws, or "" if it returns.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const gcomp::error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+template <class Payload>
+void check_same_payload(const Payload& host, const Payload& device) {
+  CHECK(host.dimension == device.dimension);
+  CHECK(unsigned(host.bits) == unsigned(device.bits));
+  CHECK(host.bucket == device.bucket);
+  CHECK(same_bytes(host.scales, device.scales));
+  CHECK(same_bytes(host.words, device.words));
+}
+
+// One compressor on one gradient: compress under host_seq and under `policy`
+// (twice, with the same object, so reused scratch is exercised), then
+// decompress_add of the host payload into the same base under both.
+template <class C, class Policy>
+void check_one(const Policy& policy, const C& prototype, const std::vector<typename C::value_type>& g,
+               gcomp::rng_key key) {
+  using T = typename C::value_type;
+  C host = prototype;
+  C device = prototype;
+  typename C::payload on_host, on_device;
+  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
+  gcomp::policy_buffer<T> g_device;
+  g_device.assign_from_host(policy, std::span<const T>(g));
+  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
+  check_same_payload(on_host, on_device);
+  const gcomp::rng_key next{key.seed, key.step + 1, key.worker};
+  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, next);
+  device.compress(policy, std::span<const T>(g_device.span()), on_device, next);
+  check_same_payload(on_host, on_device);
+
+  std::vector<T> base(g.size());
+  for (std::size_t i = 0; i < base.size(); ++i) base[i] = static_cast<T>(0.25 * std::sin(double(i)));
+  std::vector<T> out_host = base;
+  host.decompress_add(gcomp::host_seq{}, on_host, std::span<T>(out_host), T(0.75));
+  gcomp::policy_buffer<T> out_device;
+  out_device.assign_from_host(policy, std::span<const T>(base));
+  device.decompress_add(policy, on_host, out_device.span(), T(0.75));
+  CHECK(same_bytes(out_host, read_back(policy, std::span<const T>(out_device.span()))));
+}
+
+template <class T, class Policy>
+void check_cases_of(const Policy& policy) {
+  const gcomp::rng_key key{2024, 7, 3};
+  for (std::size_t n : {1, 2, 63, 64, 65, 1000, 4097, 9001}) {
+    const std::vector<T> g = sample_gradient<T>(n, static_cast<unsigned>(n));
+    for (std::size_t bucket : {0, 64, 100, 512, 5000}) {
+      CAPTURE(n);
+      CAPTURE(bucket);
+      for (unsigned levels : {1u, 3u, 7u, 127u, 32767u}) {
+        CAPTURE(levels);
+        check_one(policy, gcomp::qsgd<T>({.levels = levels, .bucket = bucket}), g, key);
+      }
+      check_one(policy, gcomp::terngrad<T>({.bucket = bucket}), g, key);
+    }
+  }
+  // Whole-vector scales over many reduce blocks, and the default buckets.
+  const std::vector<T> big = sample_gradient<T>(70001, 11);
+  for (std::size_t bucket : {0, 512}) {
+    CAPTURE(bucket);
+    check_one(policy, gcomp::qsgd<T>({.levels = 7, .bucket = bucket}), big, key);
+    check_one(policy, gcomp::terngrad<T>({.bucket = bucket}), big, key);
+  }
+  // A bucket of subnormals only: QSGD's tiny-norm rescaling.
+  std::vector<T> tiny(256, std::numeric_limits<T>::denorm_min());
+  for (std::size_t i = 0; i < tiny.size(); i += 3) tiny[i] = -tiny[i];
+  check_one(policy, gcomp::qsgd<T>({.levels = 32767, .bucket = 64}), tiny, key);
+  check_one(policy, gcomp::terngrad<T>({.bucket = 64}), tiny, key);
+}
+
+/// Payloads and decompress_add bitwise equal to host_seq for float and double,
+/// sizes around the 64-element groups and 4096-element reduce blocks, buckets
+/// of 0 (one scale), whole groups, partial groups and several reduce blocks,
+/// every QSGD width from 2 to 16 bits.
+template <class Policy>
+void check_quantizer_cases(const Policy& policy) {
+  SUBCASE("float") { check_cases_of<float>(policy); }
+  SUBCASE("double") { check_cases_of<double>(policy); }
+}
+
+// compress of g must throw the host's error under both policies and leave the
+// device's message as it was.
+template <class C, class Policy>
+void check_compress_error(const Policy& policy, C c, const std::vector<typename C::value_type>& g,
+                          const std::string& expected_part) {
+  using T = typename C::value_type;
+  const gcomp::rng_key key{5, 1, 0};
+  typename C::payload host_message, device_message, before;
+  // A valid earlier message, which a failed compress must leave alone.
+  const std::vector<T> ok(g.size(), T(0.5));
+  c.compress(gcomp::host_seq{}, std::span<const T>(ok), before, key);
+  device_message = before;
+  const std::string host_error =
+      error_of([&] { c.compress(gcomp::host_seq{}, std::span<const T>(g), host_message, key); });
+  gcomp::policy_buffer<T> g_device;
+  g_device.assign_from_host(policy, std::span<const T>(g));
+  const std::string device_error = error_of(
+      [&] { c.compress(policy, std::span<const T>(g_device.span()), device_message, key); });
+  CAPTURE(host_error);
+  CHECK(host_error.find(expected_part) != std::string::npos);
+  CHECK(device_error == host_error);
+  check_same_payload(before, device_message);
+}
+
+/// Non-finite values (the first index named, as on the host), norms that
+/// overflow T, a double bucket whose squares overflow but whose norm does not
+/// (rescaled as on the host, bitwise), and decompress_add's rejections, with
+/// the output untouched.
+template <class Policy>
+void check_quantizer_errors(const Policy& policy) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  for (std::size_t bucket : {0, 64, 100}) {
+    CAPTURE(bucket);
+    std::vector<float> g = sample_gradient<float>(1000, 3);
+    g[700] = inf;
+    g[321] = nan;  // the first non-finite index, in an earlier bucket
+    check_compress_error(policy, gcomp::qsgd<float>({.levels = 7, .bucket = bucket}), g, "gradient[321]");
+    check_compress_error(policy, gcomp::terngrad<float>({.bucket = bucket}), g, "gradient[321]");
+    g[321] = 1.0f;
+    g[700] = -inf;
+    check_compress_error(policy, gcomp::qsgd<float>({.levels = 7, .bucket = bucket}), g, "gradient[700]");
+    check_compress_error(policy, gcomp::terngrad<float>({.bucket = bucket}), g, "gradient[700]");
+  }
+  // float: each |g| fits, the bucket norm does not.
+  std::vector<float> large(128, 3.0e38f);
+  check_compress_error(policy, gcomp::qsgd<float>({.levels = 7, .bucket = 64}), large, "overflows");
+  // double: squares overflow a double; the norm 1e300 sqrt(64) fits (rescaled),
+  // 1.5e308 sqrt(2) does not.
+  const std::vector<double> rescaled(128, 1e300);
+  check_one(policy, gcomp::qsgd<double>({.levels = 7, .bucket = 64}), rescaled, gcomp::rng_key{1, 2, 3});
+  check_compress_error(policy, gcomp::qsgd<double>({.levels = 7, .bucket = 0}),
+                       std::vector<double>(2, 1.5e308), "overflows");
+
+  // decompress_add: a message of another size, and a TernGrad code 3.
+  gcomp::terngrad<float> t({.bucket = 64});
+  const std::vector<float> g = sample_gradient<float>(300, 9);
+  gcomp::quantized_payload<float> m;
+  t.compress(gcomp::host_seq{}, std::span<const float>(g), m, gcomp::rng_key{1, 1, 0});
+  std::vector<float> base(g.size(), 2.0f);
+  gcomp::policy_buffer<float> out;
+  out.assign_from_host(policy, std::span<const float>(base));
+  const auto attempt = [&](const gcomp::quantized_payload<float>& message, std::size_t n) {
+    std::vector<float> host_out(n, 2.0f);
+    const std::string host_error = error_of(
+        [&] { t.decompress_add(gcomp::host_seq{}, message, std::span<float>(host_out), 1.0f); });
+    const std::string device_error =
+        error_of([&] { t.decompress_add(policy, message, out.span().first(n), 1.0f); });
+    CAPTURE(host_error);
+    CHECK(!host_error.empty());
+    CHECK(device_error == host_error);
+    CHECK(same_bytes(base, read_back(policy, std::span<const float>(out.span()))));
+  };
+  attempt(m, 299);
+  gcomp::quantized_payload<float> bad = m;
+  bad.words[2] |= std::uint64_t{3} << 10;  // code 64 + 5 = 69 becomes 3
+  attempt(bad, 300);
+  gcomp::quantized_payload<float> bad_scale = m;
+  bad_scale.scales[1] = -1.0f;
+  attempt(bad_scale, 300);
+}
+
+}  // namespace gcomp_test::quant_sameness
