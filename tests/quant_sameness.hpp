@@ -1,4 +1,4 @@
-// Quantizer sameness: qsgd and terngrad under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+// Quantizer sameness: qsgd, terngrad and natural under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
 // The including test calls check_quantizer_cases(policy) and
 // check_quantizer_errors(policy) from its TEST_CASEs. Gradients and outputs
@@ -10,6 +10,7 @@
 
 #include <doctest/doctest.h>
 
+#include <gcomp/compress/natural.hpp>
 #include <gcomp/compress/qsgd.hpp>
 #include <gcomp/compress/terngrad.hpp>
 #include <gcomp/core/error.hpp>
@@ -25,6 +26,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace gcomp_test::quant_sameness {
@@ -125,6 +127,7 @@ void check_cases_of(const Policy& policy) {
       }
       check_one(policy, gcomp::terngrad<T>({.bucket = bucket}), g, key);
     }
+    if constexpr (std::is_same_v<T, float>) check_one(policy, gcomp::natural<float>{}, g, key);
   }
   // Whole-vector scales over many reduce blocks, and the default buckets.
   const std::vector<T> big = sample_gradient<T>(70001, 11);
@@ -138,6 +141,13 @@ void check_cases_of(const Policy& policy) {
   for (std::size_t i = 0; i < tiny.size(); i += 3) tiny[i] = -tiny[i];
   check_one(policy, gcomp::qsgd<T>({.levels = 32767, .bucket = 64}), tiny, key);
   check_one(policy, gcomp::terngrad<T>({.bucket = 64}), tiny, key);
+  if constexpr (std::is_same_v<T, float>) {
+    check_one(policy, gcomp::natural<float>{}, big, key);
+    // Subnormals, 2^127 itself and the largest floats below it.
+    check_one(policy, gcomp::natural<float>{}, tiny, key);
+    check_one(policy, gcomp::natural<float>{},
+              std::vector<float>{0x1p127f, -0x1p127f, 0x1.fffffep126f, -0.0f, 0x1p-126f}, key);
+  }
 }
 
 /// Payloads and decompress_add bitwise equal to host_seq for float and double,
@@ -194,6 +204,14 @@ void check_quantizer_errors(const Policy& policy) {
     check_compress_error(policy, gcomp::qsgd<float>({.levels = 7, .bucket = bucket}), g, "gradient[700]");
     check_compress_error(policy, gcomp::terngrad<float>({.bucket = bucket}), g, "gradient[700]");
   }
+  {
+    std::vector<float> g = sample_gradient<float>(1000, 5);
+    g[900] = nan;
+    g[400] = 0x1.000002p127f;  // finite, but could round up to infinity
+    check_compress_error(policy, gcomp::natural<float>{}, g, "gradient[400]");
+    g[400] = 1.0f;
+    check_compress_error(policy, gcomp::natural<float>{}, g, "gradient[900]");
+  }
   // float: each |g| fits, the bucket norm does not.
   std::vector<float> large(128, 3.0e38f);
   check_compress_error(policy, gcomp::qsgd<float>({.levels = 7, .bucket = 64}), large, "overflows");
@@ -230,6 +248,21 @@ void check_quantizer_errors(const Policy& policy) {
   gcomp::quantized_payload<float> bad_scale = m;
   bad_scale.scales[1] = -1.0f;
   attempt(bad_scale, 300);
+
+  // natural: exponent 255 is no value.
+  gcomp::natural<float> nat;
+  gcomp::quantized_payload<float> nm;
+  nat.compress(gcomp::host_seq{}, std::span<const float>(g), nm, gcomp::rng_key{1, 1, 0});
+  nm.words[1] |= std::uint64_t{0xff} << 8;  // code 8 (bits 72-80) gets exponent 255
+  std::vector<float> host_out(g.size(), 2.0f);
+  const std::string host_error = error_of(
+      [&] { nat.decompress_add(gcomp::host_seq{}, nm, std::span<float>(host_out), 1.0f); });
+  const std::string device_error =
+      error_of([&] { nat.decompress_add(policy, nm, out.span(), 1.0f); });
+  CAPTURE(host_error);
+  CHECK(host_error.find("code 8") != std::string::npos);
+  CHECK(device_error == host_error);
+  CHECK(same_bytes(base, read_back(policy, std::span<const float>(out.span()))));
 }
 
 }  // namespace gcomp_test::quant_sameness

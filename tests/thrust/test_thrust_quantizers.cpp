@@ -1,6 +1,7 @@
-// QSGD and TernGrad under thrust_device on Thrust's OpenMP system: payloads, decompress_add and errors bitwise those of host_seq.
+// QSGD, TernGrad and natural compression under thrust_device on Thrust's OpenMP system: payloads, decompress_add and errors bitwise those of host_seq.
 #include <doctest/doctest.h>
 
+#include <gcomp/compress/natural.hpp>
 #include <gcomp/compress/qsgd.hpp>
 #include <gcomp/compress/terngrad.hpp>
 #include <gcomp/core/concepts.hpp>
@@ -15,6 +16,7 @@ using namespace gcomp_test::quant_sameness;
 
 static_assert(gcomp::compressor<gcomp::qsgd<float>, gcomp::thrust_device>);
 static_assert(gcomp::compressor<gcomp::terngrad<double>, gcomp::thrust_device, double>);
+static_assert(gcomp::compressor<gcomp::natural<float>, gcomp::thrust_device>);
 
 struct omp_threads_guard {
   int saved = omp_get_max_threads();
@@ -23,15 +25,15 @@ struct omp_threads_guard {
 
 }  // namespace
 
-TEST_CASE("qsgd and terngrad under thrust_device equal host_seq bitwise") {
+TEST_CASE("qsgd, terngrad and natural under thrust_device equal host_seq bitwise") {
   check_quantizer_cases(gcomp::thrust_device{});
 }
 
-TEST_CASE("qsgd and terngrad under thrust_device fail as host_seq does, writing nothing") {
+TEST_CASE("qsgd, terngrad and natural under thrust_device fail as host_seq does, writing nothing") {
   check_quantizer_errors(gcomp::thrust_device{});
 }
 
-TEST_CASE("qsgd and terngrad under thrust_device do not depend on the OpenMP thread count") {
+TEST_CASE("qsgd, terngrad and natural under thrust_device do not depend on the OpenMP thread count") {
   omp_threads_guard guard;
   const std::vector<float> g = sample_gradient<float>(20000, 4);
   for (int threads : {1, 3, 4}) {

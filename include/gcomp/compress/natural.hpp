@@ -4,21 +4,72 @@
 #include <algorithm>
 #include <atomic>
 #include <bit>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <span>
 #include <string_view>
 #include <type_traits>
 #include <vector>
 
+#include "gcomp/compress/detail/quant_device.hpp"
 #include "gcomp/compress/detail/quant_kernels.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// Natural compression's 9-bit code of one float (see gcomp::natural): the
+/// exponent of the power of two it rounds to, up with probability
+/// mantissa / 2^23 (the exact integer test k < 2 mantissa on the top 24
+/// random bits), and the sign. Branch-free; the host loop and the device
+/// kernel both call it.
+struct natural_bucket_coder {
+  GCOMP_HD std::uint32_t operator()(float v, std::uint32_t random) const {
+    std::uint32_t x = 0;
+    memcpy(&x, &v, 4);
+    const std::uint32_t mantissa = x & 0x007fffffu;
+    const std::uint32_t e = ((x & 0x7fffffffu) >> 23) + ((random >> 8) < 2u * mantissa ? 1u : 0u);
+    return (e & 0xffu) | (e != 0 ? (x >> 31) << 8 : 0u);
+  }
+};
+
+struct natural_coder {
+  GCOMP_HD natural_bucket_coder for_scale(float) const { return {}; }
+};
+
+/// |v| <= 2^127 (finite, and cannot round up to infinity).
+struct natural_valid {
+  GCOMP_HD bool operator()(float v) const {
+    std::uint32_t x = 0;
+    memcpy(&x, &v, 4);
+    return (x & 0x7fffffffu) <= 0x7f000000u;
+  }
+};
+
+/// out + scale * (+-2^(E - 127), or 0 for E = 0).
+struct natural_bucket_decoder {
+  float scale;
+  GCOMP_HD float operator()(float out, std::uint32_t c) const {
+    const std::uint32_t bits = ((c >> 8) << 31) | ((c & 0xffu) << 23);
+    float v = 0.0f;
+    memcpy(&v, &bits, 4);
+    return add_unfused(out, mul_unfused(scale, v));
+  }
+};
+
+struct natural_decoder {
+  GCOMP_HD natural_bucket_decoder for_scale(float, float scale) const { return {scale}; }
+};
+
+}  // namespace detail
 
 /// C(g)_i for |g_i| in [2^e, 2^(e+1)) is sign(g_i) 2^(e+1) with probability
 /// p = (|g_i| - 2^e) / 2^e and sign(g_i) 2^e otherwise, so E[C(g)] = g and
@@ -64,40 +115,44 @@ class natural {
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
     constexpr std::string_view where = "gcomp::natural::compress";
     const std::size_t n = gradient.size();
-    // Codes go to scratch first; the message is touched only once all is well.
-    words_.resize(quantized::word_count(n, code_bits));
+    const rng_key stream = key.fork(detail::natural_tag);
     const T* g = gradient.data();
-    std::atomic<std::size_t> first_bad{n};
-    detail::quant_pack(policy, n, code_bits, key.fork(detail::natural_tag), words_.data(),
-                       [g, &first_bad](std::size_t first, std::size_t count,
-                                       const std::uint32_t* random, std::uint32_t* codes) {
-                         // Branch-free, so the loop vectorizes; the largest
-                         // magnitude pattern tells whether any is > 2^127.
-                         const T* at = g + first;
-                         std::uint32_t top = 0;
-                         for (std::size_t j = 0; j < count; ++j) {
-                           const std::uint32_t x = std::bit_cast<std::uint32_t>(at[j]);
-                           const std::uint32_t mag = x & 0x7fffffffu;
-                           top = top < mag ? mag : top;
-                           const std::uint32_t mantissa = mag & 0x007fffffu;
-                           const std::uint32_t e =
-                               (mag >> 23) + ((random[j] >> 8) < 2u * mantissa ? 1u : 0u);
-                           codes[j] = (e & 0xffu) | (e != 0 ? (x >> 31) << 8 : 0u);
-                         }
-                         if (top <= 0x7f000000u) return;  // else > 2^127, inf or NaN
-                         std::size_t j = 0;
-                         while ((std::bit_cast<std::uint32_t>(g[first + j]) & 0x7fffffffu) <=
-                                0x7f000000u)
-                           ++j;
-                         std::size_t seen = first_bad.load(std::memory_order_relaxed);
-                         while (first + j < seen && !first_bad.compare_exchange_weak(seen, first + j)) {
-                         }
-                       });
-    const std::size_t bad = first_bad.load();
-    if (bad != n) {
-      if (!std::isfinite(g[bad])) detail::fail_not_finite(where, bad, static_cast<double>(g[bad]));
-      fail(where, "gradient[", bad, "] = ", g[bad],
-           " exceeds 2^127 and could round up to infinity");
+    std::size_t bad = n;
+    if constexpr (!host_policy<Policy>) {
+      bad = detail::quant_device_compress_unscaled(policy, gradient, code_bits, stream,
+                                                   detail::natural_coder{}, detail::natural_valid{},
+                                                   device_, words_, where);
+      if (bad != n) {
+        T value{};
+        copy_to_host(policy, std::span<const T>(g + bad, 1), std::span<T>(&value, 1));
+        throw_invalid(where, bad, value);
+      }
+    } else {
+      // Codes go to scratch first; the message is touched only once all is well.
+      detail::resize_words(words_, quantized::word_count(n, code_bits));
+      std::atomic<std::size_t> first_bad{n};
+      detail::quant_pack(policy, n, code_bits, stream, words_.data(),
+                         [g, &first_bad](std::size_t first, std::size_t count,
+                                         const std::uint32_t* random, std::uint32_t* codes) {
+                           // Branch-free, so the loop vectorizes; the largest
+                           // magnitude pattern tells whether any is > 2^127.
+                           const T* at = g + first;
+                           const detail::natural_bucket_coder code;
+                           std::uint32_t top = 0;
+                           for (std::size_t j = 0; j < count; ++j) {
+                             const std::uint32_t mag = std::bit_cast<std::uint32_t>(at[j]) & 0x7fffffffu;
+                             top = top < mag ? mag : top;
+                             codes[j] = code(at[j], random[j]);
+                           }
+                           if (top <= 0x7f000000u) return;  // else > 2^127, inf or NaN
+                           std::size_t j = 0;
+                           while (detail::natural_valid{}(g[first + j])) ++j;
+                           std::size_t seen = first_bad.load(std::memory_order_relaxed);
+                           while (first + j < seen && !first_bad.compare_exchange_weak(seen, first + j)) {
+                           }
+                         });
+      bad = first_bad.load();
+      if (bad != n) throw_invalid(where, bad, g[bad]);
     }
     message.dimension = n;
     message.bits = static_cast<std::uint8_t>(code_bits);
@@ -111,22 +166,29 @@ class natural {
     constexpr std::string_view where = "gcomp::natural::decompress_add";
     const std::size_t n = out.size();
     detail::check_quant_message(where, message, n, code_bits, 0, 0);
+    // The message is host memory whatever the policy: checked on the host.
+    const auto host = [&] {
+      if constexpr (host_policy<Policy>) return policy; else return host_seq{};
+    }();
     const std::size_t bad =
-        detail::quant_first_invalid(policy, n, code_bits, message.words.data(), [](std::uint32_t c) {
+        detail::quant_first_invalid(host, n, code_bits, message.words.data(), [](std::uint32_t c) {
           return ((c & 0xffu) == 0xffu) | (c == 0x100u);  // no branch: the scan vectorizes
         });
     if (bad != n)
       fail(where, "code ", bad, " = ", quantized::read_code(message.words.data(), bad, code_bits),
            " is invalid (exponent 255, or a negative zero)");
-    T* o = out.data();
-    detail::quant_unpack(policy, n, code_bits, message.words.data(),
-                         [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
-                           for (std::size_t j = 0; j < count; ++j) {
-                             const std::uint32_t c = codes[j];
-                             const T v = std::bit_cast<T>(((c >> 8) << 31) | ((c & 0xffu) << 23));
-                             o[first + j] += scale * v;
-                           }
-                         });
+    if constexpr (!host_policy<Policy>) {
+      detail::quant_device_decompress_add(policy, message, out, scale, 0, code_bits,
+                                          detail::natural_decoder{}, device_, where);
+    } else {
+      T* o = out.data();
+      const detail::natural_bucket_decoder add{scale};
+      detail::quant_unpack(policy, n, code_bits, message.words.data(),
+                           [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
+                             for (std::size_t j = 0; j < count; ++j)
+                               o[first + j] = add(o[first + j], codes[j]);
+                           });
+    }
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -140,6 +202,14 @@ class natural {
 
  private:
   std::vector<std::uint64_t> words_;  // scratch, swapped with the message's words
+  // Device scratch under cuda_par / thrust_device (see qsgd): mutable, since
+  // decompress_add uploads the message there.
+  mutable detail::quant_device_buffers<T> device_;
+
+  [[noreturn]] static void throw_invalid(std::string_view where, std::size_t i, T value) {
+    if (!std::isfinite(value)) detail::fail_not_finite(where, i, static_cast<double>(value));
+    fail(where, "gradient[", i, "] = ", value, " exceeds 2^127 and could round up to infinity");
+  }
 };
 
 }  // namespace gcomp

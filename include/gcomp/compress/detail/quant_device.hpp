@@ -1,4 +1,4 @@
-// The stochastic quantizers (QSGD, TernGrad) under a device policy (cuda_par, thrust_device): per-bucket statistics in the fixed reduction order, codes packed word by word with the host's arithmetic, so payloads are bitwise the host's.
+// The stochastic quantizers (QSGD, TernGrad, natural compression) under a device policy (cuda_par, thrust_device): per-bucket statistics in the fixed reduction order, codes packed word by word with the host's arithmetic, so payloads are bitwise the host's.
 #pragma once
 
 #include <cstddef>
@@ -242,6 +242,36 @@ void quant_device_compress(const Policy& policy, std::span<const T> g, std::size
                std::span<std::uint64_t>(words_out));
 }
 
+/// For quantizers without scales (natural compression): `valid(v)` says
+/// which inputs may be coded; the first invalid index (or n) is returned
+/// before anything is packed, and the caller throws naming it. Otherwise the
+/// codes go to words_out as quant_device_compress writes them (bucket 0,
+/// coder.for_scale(T(0))).
+template <class T, class Coder, class Valid, class Policy>
+std::size_t quant_device_compress_unscaled(const Policy& policy, std::span<const T> g,
+                                           unsigned bits, const rng_key& stream, Coder coder,
+                                           Valid valid, quant_device_buffers<T>& buf,
+                                           std::vector<std::uint64_t>& words_out,
+                                           std::string_view where) {
+  const std::size_t n = g.size();
+  const T* x = g.data();
+  const std::size_t bad = transform_reduce(
+      policy, n, n, quant_min_index{}, [=] GCOMP_HD(std::size_t i) { return valid(x[i]) ? n : i; });
+  if (bad != n) return bad;
+  const std::size_t word_count = quantized::word_count(n, bits);
+  buf.scales.assign(policy, 1, T(0), where);
+  buf.words.resize(policy, word_count, where);
+  const T* scales = buf.scales.data();
+  std::uint64_t* words = buf.words.data();
+  for_each_index(policy, word_count, [=] GCOMP_HD(std::size_t w) {
+    words[w] = quant_pack_word(w, n, bits, std::size_t{0}, x, scales, stream, coder);
+  });
+  words_out.resize(word_count);
+  copy_to_host(policy, std::span<const std::uint64_t>(words, word_count),
+               std::span<std::uint64_t>(words_out));
+  return n;
+}
+
 /// out (memory of `policy`) += the decoded message, which the caller has
 /// checked on the host (check_quant_message and the quantizer's code checks):
 /// its scales and words are uploaded to buf, then one thread per element
@@ -252,9 +282,14 @@ void quant_device_decompress_add(const Policy& policy, const quantized_payload<T
                                  Decoder decoder, quant_device_buffers<T>& buf,
                                  std::string_view where) {
   const std::size_t n = out.size();
-  buf.scales.resize(policy, message.scales.size(), where);
+  // Quantizers without scales decode with for_scale(T(0), scale).
+  if (message.scales.empty()) {
+    buf.scales.assign(policy, 1, T(0), where);
+  } else {
+    buf.scales.resize(policy, message.scales.size(), where);
+    copy_from_host(policy, std::span<const T>(message.scales), buf.scales.span());
+  }
   buf.words.resize(policy, message.words.size(), where);
-  copy_from_host(policy, std::span<const T>(message.scales), buf.scales.span());
   copy_from_host(policy, std::span<const std::uint64_t>(message.words), buf.words.span());
   const T* scales = buf.scales.data();
   const std::uint64_t* words = buf.words.data();
