@@ -10,6 +10,8 @@
 
 #include <doctest/doctest.h>
 
+#include <gcomp/compress/ef21.hpp>
+#include <gcomp/compress/error_feedback.hpp>
 #include <gcomp/compress/natural.hpp>
 #include <gcomp/compress/qsgd.hpp>
 #include <gcomp/compress/terngrad.hpp>
@@ -158,6 +160,52 @@ template <class Policy>
 void check_quantizer_cases(const Policy& policy) {
   SUBCASE("float") { check_cases_of<float>(policy); }
   SUBCASE("double") { check_cases_of<double>(policy); }
+}
+
+// A wrapper (error_feedback or ef21 around a quantizer) stepped under host_seq
+// and under `policy` on the same gradients: every payload and the state after
+// every step bitwise equal; a copy of the device wrapper made halfway goes on
+// equal too (the state is deep-copied), and reset(policy) zeroes it.
+template <class W, class Policy>
+void check_wrapper(const Policy& policy, const W& prototype, std::size_t n, int steps) {
+  using T = typename W::value_type;
+  W host = prototype;
+  W device = prototype;
+  typename W::payload on_host, on_device;
+  gcomp::policy_buffer<T> g_device;
+  const auto state_of = [](const W& w) {
+    if constexpr (requires { w.residual(); }) return w.residual(); else return w.state();
+  };
+  for (int t = 0; t < steps; ++t) {
+    CAPTURE(t);
+    const std::vector<T> g = sample_gradient<T>(n, 100 + static_cast<unsigned>(t));
+    const gcomp::rng_key key{77, static_cast<std::uint64_t>(t), 1};
+    host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
+    g_device.assign_from_host(policy, std::span<const T>(g));
+    device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
+    check_same_payload(on_host, on_device);
+    const std::span<const T> h = state_of(host);
+    CHECK(same_bytes(std::vector<T>(h.begin(), h.end()), read_back(policy, state_of(device))));
+    if (t == steps / 2) {
+      W copy = device;
+      device.compress(policy, std::span<const T>(g_device.span()), on_device,
+                      gcomp::rng_key{1, 1, 1});  // moves the original on alone
+      device = copy;
+    }
+  }
+  device.reset(policy);
+  CHECK(same_bytes(std::vector<T>(n, T(0)), read_back(policy, state_of(device))));
+}
+
+/// error_feedback<qsgd>, error_feedback<natural> and ef21<terngrad> with
+/// their state in the policy's memory, bitwise equal to host_seq step by step.
+template <class Policy>
+void check_wrapper_cases(const Policy& policy) {
+  check_wrapper(policy, gcomp::error_feedback<gcomp::qsgd<float>>(gcomp::qsgd<float>({.levels = 3, .bucket = 128})),
+                5000, 6);
+  check_wrapper(policy, gcomp::error_feedback<gcomp::natural<float>>(), 777, 4);
+  check_wrapper(policy, gcomp::ef21<gcomp::terngrad<double>>(gcomp::terngrad<double>({.bucket = 100})),
+                4500, 6);
 }
 
 // compress of g must throw the host's error under both policies and leave the

@@ -27,6 +27,11 @@ TEST_CASE("qsgd, terngrad and natural under cuda_par equal host_seq bitwise") {
   check_quantizer_cases(gcomp::cuda_par{s.stream});
 }
 
+TEST_CASE("error_feedback and ef21 around quantizers under cuda_par equal host_seq bitwise") {
+  stream_holder s;
+  check_wrapper_cases(gcomp::cuda_par{s.stream});
+}
+
 TEST_CASE("qsgd, terngrad and natural under cuda_par fail as host_seq does, writing nothing") {
   stream_holder s;
   check_quantizer_errors(gcomp::cuda_par{s.stream});

@@ -29,6 +29,10 @@ TEST_CASE("qsgd, terngrad and natural under thrust_device equal host_seq bitwise
   check_quantizer_cases(gcomp::thrust_device{});
 }
 
+TEST_CASE("error_feedback and ef21 around quantizers under thrust_device equal host_seq bitwise") {
+  check_wrapper_cases(gcomp::thrust_device{});
+}
+
 TEST_CASE("qsgd, terngrad and natural under thrust_device fail as host_seq does, writing nothing") {
   check_quantizer_errors(gcomp::thrust_device{});
 }

@@ -9,6 +9,7 @@
 #include "gcomp/compress/detail/stateful_wrapper.hpp"
 #include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -47,32 +48,40 @@ class ef21 : public detail::stateful_wrapper<C> {
   void compress(const Policy& policy, std::span<const value_type> gradient, payload& message,
                 rng_key key) {
     const std::size_t n = gradient.size();
-    this->prepare("gcomp::ef21::compress", "state", n);
+    this->prepare(policy, "gcomp::ef21::compress", "state", n);
     value_type* d = this->scratch_.data();  // g - h, reused
     const value_type* h = this->state_.data();
     const value_type* g = gradient.data();
-    for_each_index(policy, n, [=](std::size_t i) { d[i] = g[i] - h[i]; });
-    this->inner_.compress(policy, std::span<const value_type>(this->scratch_), message, key);
+    for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) { d[i] = detail::sub_unfused(g[i], h[i]); });
+    this->inner_.compress(policy, std::span<const value_type>(this->scratch_.span()), message, key);
     this->started_ = true;
-    this->inner_.decompress_add(policy, message, std::span<value_type>(this->state_),
-                                value_type(1));
+    this->inner_.decompress_add(policy, message, this->state_.span(), value_type(1));
   }
 
   // decompress_add(policy, message, out, scale) (from the base):
   // out += scale * (the increment of h that `message` carries).
 
-  /// The worker's estimate h after the last compress() (empty before the first).
-  std::span<const value_type> state() const { return this->state_; }
+  /// The worker's estimate h after the last compress() (empty before the
+  /// first), in the memory of the policy it was built under (device memory
+  /// under cuda_par: read it with gcomp::copy_to_host).
+  std::span<const value_type> state() const { return this->state_span(); }
   /// Writable h (empty before the first compress() or assign_state()).
-  std::span<value_type> state() { return this->state_; }
-  /// Sets h (and its size) before or between steps, e.g. h = g_0.
-  void assign_state(std::span<const value_type> h) {
-    this->state_.assign(h.begin(), h.end());
+  std::span<value_type> state() { return this->state_span(); }
+  /// Sets h (and its size) before or between steps, e.g. h = g_0, from host
+  /// memory into host memory (for host policies).
+  void assign_state(std::span<const value_type> h) { assign_state(host_seq{}, h); }
+  /// Sets h from host memory into the memory of `policy`.
+  template <class Policy>
+  void assign_state(const Policy& policy, std::span<const value_type> h) {
+    this->state_.assign_from_host(policy, h, "gcomp::ef21::assign_state");
     this->started_ = true;
   }
   /// h = 0 again (storage and size kept); the receiver must reset its
-  /// estimate at the same step.
-  void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
+  /// estimate at the same step. Host memory only.
+  void reset() { this->zero_host_state("gcomp::ef21::reset"); }
+  /// h = 0 with `policy`'s kernels (any memory it serves).
+  template <class Policy>
+  void reset(const Policy& policy) { this->zero_state(policy); }
 
   /// Checkpoint section "gcomp::ef21" (version 1): started, h (as "state"),
   /// and C's section when C has state. The receiver's estimate G is the

@@ -9,6 +9,7 @@
 #include "gcomp/compress/detail/stateful_wrapper.hpp"
 #include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -45,26 +46,30 @@ class error_feedback : public detail::stateful_wrapper<C> {
   void compress(const Policy& policy, std::span<const value_type> gradient, payload& message,
                 rng_key key) {
     const std::size_t n = gradient.size();
-    this->prepare("gcomp::error_feedback::compress", "residual", n);
+    this->prepare(policy, "gcomp::error_feedback::compress", "residual", n);
     value_type* p = this->scratch_.data();  // p = e + g, swapped with e every step
     const value_type* e = this->state_.data();
     const value_type* g = gradient.data();
-    for_each_index(policy, n, [=](std::size_t i) { p[i] = e[i] + g[i]; });
-    this->inner_.compress(policy, std::span<const value_type>(this->scratch_), message, key);
+    for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) { p[i] = detail::add_unfused(e[i], g[i]); });
+    this->inner_.compress(policy, std::span<const value_type>(this->scratch_.span()), message, key);
     // Only now is e replaced: p becomes the residual and loses what was sent.
     std::swap(this->state_, this->scratch_);
     this->started_ = true;
-    this->inner_.decompress_add(policy, message, std::span<value_type>(this->state_),
-                                value_type(-1));
+    this->inner_.decompress_add(policy, message, this->state_.span(), value_type(-1));
   }
 
-  /// The residual e after the last compress() (empty before the first).
-  std::span<const value_type> residual() const { return this->state_; }
+  /// The residual e after the last compress() (empty before the first), in
+  /// the memory of the policy it was built under (device memory under
+  /// cuda_par: read it with gcomp::copy_to_host).
+  std::span<const value_type> residual() const { return this->state_span(); }
   /// Writable residual, for methods that replace e (e.g. by its average over
   /// workers, ALGORITHMS.md section 4). Empty before the first compress().
-  std::span<value_type> residual() { return this->state_; }
-  /// Zeroes the residual (keeping its storage and size).
-  void reset() { std::fill(this->state_.begin(), this->state_.end(), value_type(0)); }
+  std::span<value_type> residual() { return this->state_span(); }
+  /// Zeroes the residual (keeping its storage and size); host memory only.
+  void reset() { this->zero_host_state("gcomp::error_feedback::reset"); }
+  /// Zeroes the residual with `policy`'s kernels (any memory it serves).
+  template <class Policy>
+  void reset(const Policy& policy) { this->zero_state(policy); }
 
   /// Checkpoint section "gcomp::error_feedback" (version 1): started, the
   /// residual, and C's section when C has state (PowerSGD's warm starts).

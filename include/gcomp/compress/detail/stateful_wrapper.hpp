@@ -10,12 +10,16 @@
 #include "gcomp/core/checkpoint.hpp"
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/host.hpp"
 
 namespace gcomp::detail {
 
 /// Base of a compressor that wraps C with one per-worker vector of state
 /// (allocated at the first compress(), sized to that gradient, and reused) and
-/// one scratch buffer of the same size. The payload is C's, so decompression,
+/// one scratch buffer of the same size, both in the memory of the first
+/// step's policy (device memory under cuda_par; a later step under a policy
+/// that memory does not serve throws). The payload is C's, so decompression,
 /// wire size and bits per element are C's; the result is always biased and has
 /// shared support exactly when C has. Derived classes supply compress() and
 /// the accessors to the state under their own names.
@@ -48,14 +52,37 @@ class stateful_wrapper {
   explicit stateful_wrapper(C inner) : inner_(std::move(inner)) {}
 
   /// Before a step on a gradient of size n: the state must already have size
-  /// n (after the first step; else fails as `where` naming it `state_name`),
-  /// or is zeroed to size n; the scratch buffer gets size n.
-  void prepare(std::string_view where, std::string_view state_name, std::size_t n) {
-    if (started_)
+  /// n (after the first step; else fails as `where` naming it `state_name`)
+  /// in memory that serves `policy`, or is zeroed to size n; the scratch
+  /// buffer gets size n.
+  template <class Policy>
+  void prepare(const Policy& policy, std::string_view where, std::string_view state_name,
+               std::size_t n) {
+    if (started_) {
       check_same_size(where, "gradient", n, state_name, state_.size());
-    else
-      state_.assign(n, value_type(0));
-    scratch_.resize(n);
+      state_.check_serves(policy, where, state_name);
+    } else {
+      state_.assign(policy, n, value_type(0), where);
+    }
+    scratch_.resize(policy, n, where);
+  }
+
+  /// The state as a span, for accessors: host memory under host policies,
+  /// the policy's memory otherwise (read it with gcomp::copy_to_host).
+  std::span<const value_type> state_span() const { return state_.span(); }
+  std::span<value_type> state_span() { return state_.span(); }
+
+  /// Zeroes the state (size and storage kept) with `policy`'s kernels.
+  template <class Policy>
+  void zero_state(const Policy& policy) {
+    state_.fill(policy, value_type(0), "gcomp::error_feedback/ef21::reset");
+  }
+  /// Zeroes host-accessible state; device state needs zero_state(policy).
+  void zero_host_state(std::string_view where) {
+    if (state_.empty()) return;
+    require(state_.memory()->host_accessible, where, "the state is in ", state_.memory()->name,
+            ": call reset(policy) with the policy it was built under");
+    std::fill(state_.data(), state_.data() + state_.size(), value_type(0));
   }
 
   /// The section of a wrapper (`kind`, version 1): whether a step was taken,
@@ -65,7 +92,12 @@ class stateful_wrapper {
                     std::string_view state_name) const {
     out.begin(kind, 1);
     out.value("started", started_);
-    out.array(state_name, std::span<const value_type>(state_));
+    if (state_.empty() || state_.memory()->host_accessible) {
+      out.array(state_name, state_.span());
+    } else {
+      const std::vector<value_type> host = state_.to_host();  // device state: one copy per save
+      out.array(state_name, std::span<const value_type>(host));
+    }
     save_state(out, inner_);
     out.end();
   }
@@ -86,6 +118,9 @@ class stateful_wrapper {
     } else {
       state = in.vector<value_type>(state_name);
     }
+    // The new state in the policy's memory, before anything is replaced.
+    policy_buffer<value_type> loaded;
+    loaded.assign_from_host(policy, std::span<const value_type>(state), "gcomp::checkpoint load");
     if constexpr (requires { inner_.load(policy, in); }) {
       C inner(inner_);
       inner.load(policy, in);
@@ -94,13 +129,13 @@ class stateful_wrapper {
     } else {
       in.end();
     }
-    state_ = std::move(state);
+    state_ = std::move(loaded);
     started_ = started;
   }
 
   C inner_;
-  std::vector<value_type> state_;
-  std::vector<value_type> scratch_;
+  policy_buffer<value_type> state_;
+  policy_buffer<value_type> scratch_;
   bool started_ = false;
 };
 
