@@ -62,7 +62,7 @@ std::vector<std::byte> bytes_of(const P& m) {
 // Equal element by element down to the bit (-0 differs from +0, NaN equals itself).
 template <class T>
 bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 // f() must throw gcomp::error with needle in its message.

@@ -43,7 +43,7 @@ std::vector<float> decompressed(const C& c, const typename C::payload& m, std::s
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0);
 }
 
 // make() returns a fresh compressor (stateful ones start from scratch).

@@ -253,7 +253,14 @@ void check_flat(const soak_log& log, int settled, lazy_allowance allowance = {})
   // a leak of 8 bytes per worker-step would add 625 KiB.
   const long rss_growth = log.at.back().max_rss_kib - b.max_rss_kib;
   INFO("peak RSS growth after step " << settled << ": " << rss_growth << " KiB");
+#if defined(__SANITIZE_ADDRESS__)
+  // AddressSanitizer keeps freed blocks in quarantine (256 MB by default) to
+  // catch uses after free, so peak RSS grows with any alloc/free churn; the
+  // heap counters above are what this build checks (and LeakSanitizer).
+  MESSAGE("AddressSanitizer build: peak RSS not checked (grew " << rss_growth << " KiB)");
+#else
   CHECK(rss_growth <= 512);
+#endif
   CHECK(size_mismatches.load() == 0);
 }
 
