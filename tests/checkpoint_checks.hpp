@@ -13,20 +13,11 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/exec/host.hpp"
 #include "compressor_checks.hpp"  // expect_error, same_bits
+#include "error_text.hpp"
 
 namespace gcomp::test {
 
-/// The message of the gcomp::error `call` throws; a marker no expected text
-/// contains when it throws nothing, so a find() on it fails.
-template <class Call>
-std::string message_of(Call&& call) {
-  try {
-    call();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  return "(no gcomp::error was thrown)";
-}
+using gcomp_test::message_of;  // error_text.hpp
 
 /// Loading `bytes` into `part` must throw a gcomp::error containing
 /// `expected` and leave every saved field of the part as it was.

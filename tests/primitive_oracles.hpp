@@ -15,6 +15,7 @@
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
+#include "error_text.hpp"  // message_of
 
 namespace gcomp_test {
 
@@ -89,15 +90,6 @@ inline void check_same(const reductions& expected, const reductions& got) {
   CHECK(got.positives == expected.positives);
 }
 
-template <class Call>
-std::string message_of(Call&& call) {
-  try {
-    call();
-  } catch (const gcomp::error& e) {
-    return e.what();
-  }
-  return "(no gcomp::error thrown)";
-}
 
 // Per-layer reductions over x (memory the policy can read), compared bitwise.
 template <class Policy>

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "gcomp/gcomp.hpp"
+#include "hashed_data.hpp"
 
 namespace {
 
@@ -26,15 +27,8 @@ constexpr unsigned thread_counts[] = {1, 2, 3, 4, 7};
 // differs per worker and step. The data come from splitmix64, not from the
 // library's generator, so they do not depend on the code under test.
 
-constexpr std::uint64_t mix(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-// A float in [-1, 1) from the top 24 bits of a hash (exact: 24 bits fit a float).
-float signed_unit(std::uint64_t h) { return static_cast<float>(h >> 40) * 0x1p-23f - 1.0f; }
+using gcomp_test::mix;  // hashed_data.hpp
+using gcomp_test::signed_unit;
 
 struct model {
   gcomp::layout lay;

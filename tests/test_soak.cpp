@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "gcomp/gcomp.hpp"
+#include "hashed_data.hpp"
 
 // ---------------------------------------------------------------------------
 // Counting replacements of every global operator new and delete. This test is
@@ -132,13 +133,8 @@ heap_sample sample_heap() {
   return {live_bytes.load(), live_blocks.load(), allocations.load(), usage.ru_maxrss};
 }
 
-constexpr std::uint64_t mix(std::uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-float signed_unit(std::uint64_t h) { return static_cast<float>(h >> 40) * 0x1p-23f - 1.0f; }
+using gcomp_test::mix;  // hashed_data.hpp
+using gcomp_test::signed_unit;
 
 // A small MLP's shapes: 1,130 parameters in four layers.
 struct model {

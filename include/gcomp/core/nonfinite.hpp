@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "gcomp/core/checkpoint.hpp"
+#include "gcomp/core/concepts.hpp"  // layer_mask
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"

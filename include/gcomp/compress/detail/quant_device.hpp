@@ -10,6 +10,7 @@
 
 #include "gcomp/compress/detail/quant_kernels.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/core/nonfinite.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/exec/buffer.hpp"
@@ -66,7 +67,7 @@ struct quant_stat_of {
   bool l2;
   GCOMP_HD double operator()(std::size_t i) const {
     const double v = static_cast<double>(x[i]);
-    if (!is_finite_value(v)) return __builtin_huge_val();
+    if (nonfinite_flag(v) != 0) return __builtin_huge_val();
     return l2 ? mul_unfused(v, v) : magnitude(v);
   }
 };
@@ -96,7 +97,7 @@ GCOMP_HD inline std::uint8_t quant_finish_bucket(const T* x, std::size_t begin, 
   const double inf = __builtin_huge_val();
   if (!(v < inf)) {
     for (std::size_t i = begin; i < end; ++i)
-      if (!is_finite_value(x[i])) return quant_bucket_not_finite;
+      if (nonfinite_flag(x[i]) != 0) return quant_bucket_not_finite;
     // Finite values whose squares overflow a double (T = double only): the
     // host rescales by the largest magnitude, sequentially.
     double top = 0.0;
@@ -117,7 +118,7 @@ GCOMP_HD inline std::uint8_t quant_finish_bucket(const T* x, std::size_t begin, 
   if (l2) v = std::sqrt(v);
   T t = static_cast<T>(v);
   if (static_cast<double>(t) < v) t = next_up_nonnegative(t);
-  if (!is_finite_value(t)) return quant_bucket_overflow;
+  if (nonfinite_flag(t) != 0) return quant_bucket_overflow;
   *scale = t;
   return quant_bucket_fine;
 }
@@ -223,9 +224,7 @@ void quant_device_compress(const Policy& policy, std::span<const T> g, std::size
     std::uint8_t what = 0;
     copy_to_host(policy, std::span<const std::uint8_t>(status + failed, 1), std::span<std::uint8_t>(&what, 1));
     if (what == quant_bucket_not_finite) {
-      const std::size_t bad = transform_reduce(
-          policy, end - begin, n, quant_min_index{},
-          [=] GCOMP_HD(std::size_t j) { return is_finite_value(x[begin + j]) ? n : begin + j; });
+      const std::size_t bad = begin + first_nonfinite(policy, g.subspan(begin, end - begin));
       T value{};
       copy_to_host(policy, std::span<const T>(x + bad, 1), std::span<T>(&value, 1));
       fail_not_finite(where, bad, static_cast<double>(value));

@@ -75,10 +75,4 @@ GCOMP_HD inline double magnitude(double v) {
 #endif
 }
 
-/// Whether v is neither infinite nor NaN (comparisons with NaN are false).
-template <class T>
-GCOMP_HD inline bool is_finite_value(T v) {
-  return v > -static_cast<T>(__builtin_huge_val()) && v < static_cast<T>(__builtin_huge_val());
-}
-
 }  // namespace gcomp::detail
