@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
@@ -133,11 +134,15 @@ class randomk {
     if (message.size() != k)
       fail(where, "message has ", message.size(), " values but this random-k keeps ", k, " of ",
            out.size());
-    T* o = out.data();
-    const Index* idx = message.indices.data();
-    const T* v = message.data.data();
-    // Indices are distinct, so the scattered adds never collide.
-    for_each_index(policy, k, [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+    if constexpr (!host_policy<Policy>) {
+      detail::sparse_device_scatter_add(policy, message, out, scale, device_, where);
+    } else {
+      T* o = out.data();
+      const Index* idx = message.indices.data();
+      const T* v = message.data.data();
+      // Indices are distinct, so the scattered adds never collide.
+      for_each_index(policy, k, [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+    }
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -158,22 +163,34 @@ class randomk {
               payload& message, std::size_t at, std::size_t offset, std::size_t size,
               std::size_t kd) {
     std::span<Index> indices(message.indices.data() + at, kd);
-    detail::sample_sorted_distinct(policy, stream, size, indices, scratch_);
-    Index* idx = indices.data();
-    T* v = message.data.data() + at;
     const T* g = gradient.data();
     const Index shift = static_cast<Index>(offset);
-    if constexpr (Scale == rescale::unbiased) {
-      const T s = static_cast<T>(static_cast<double>(size) / static_cast<double>(kd));
-      for_each_index(policy, kd, [=](std::size_t j) {
-        idx[j] += shift;
-        v[j] = g[idx[j]] * s;
-      });
+    if constexpr (!host_policy<Policy>) {
+      // The indices depend on the key alone: drawn on the host (the same set
+      // on every policy), uploaded, and the values gathered on the device.
+      detail::sample_sorted_distinct(host_seq{}, stream, size, indices, scratch_);
+      for (Index& i : indices) i += shift;
+      constexpr bool scaled = Scale == rescale::unbiased;
+      const T s = scaled ? static_cast<T>(static_cast<double>(size) / static_cast<double>(kd)) : T(1);
+      detail::sparse_device_gather<scaled>(policy, gradient, std::span<const Index>(indices), s,
+                                           std::span<T>(message.data.data() + at, kd), device_,
+                                           "gcomp::randomk::compress");
     } else {
-      for_each_index(policy, kd, [=](std::size_t j) {
-        idx[j] += shift;
-        v[j] = g[idx[j]];
-      });
+      detail::sample_sorted_distinct(policy, stream, size, indices, scratch_);
+      Index* idx = indices.data();
+      T* v = message.data.data() + at;
+      if constexpr (Scale == rescale::unbiased) {
+        const T s = static_cast<T>(static_cast<double>(size) / static_cast<double>(kd));
+        for_each_index(policy, kd, [=](std::size_t j) {
+          idx[j] += shift;
+          v[j] = g[idx[j]] * s;
+        });
+      } else {
+        for_each_index(policy, kd, [=](std::size_t j) {
+          idx[j] += shift;
+          v[j] = g[idx[j]];
+        });
+      }
     }
   }
 
@@ -182,6 +199,9 @@ class randomk {
   bool per_layer_ = false;
   std::vector<std::size_t> order_;  // layer indices by increasing offset
   detail::sampling_scratch<Index> scratch_;  // the sampler's buffers, reused
+  // Device scratch (cuda_par, thrust_device): the indices going up, the
+  // gathered values coming back, decompress_add's upload.
+  mutable detail::sparse_device_buffers<T, Index> device_;
 };
 
 /// Random-k with the key every worker shares: identical indices on all

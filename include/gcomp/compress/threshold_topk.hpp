@@ -19,6 +19,7 @@
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/sparse_payload.hpp"
 #include "gcomp/exec/host.hpp"
+#include "gcomp/exec/policy.hpp"
 
 namespace gcomp {
 
@@ -62,24 +63,19 @@ class hard_threshold {
   }
 
   template <class Policy>
-  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
-    constexpr std::string_view where = "gcomp::hard_threshold::compress";
-    const std::size_t n = gradient.size();
-    detail::check_threshold_index_type<Index>(where, n);
-    bool overflow = false;
-    // For finite g and tau > 0, |g| >= tau exactly when key(g) >= key(tau).
-    const std::size_t count = selector_.gather_at_least(
-        policy, gradient, detail::magnitude_bits<T>::key(tau_), 0, 0, where, overflow);
-    message.dimension = n;
-    message.indices.resize(count);
-    message.data.resize(count);
-    selector_.emit_gathered(policy, 0, message.indices.data(), message.data.data());
-    last_fraction_ = n == 0 ? 0.0 : static_cast<double>(count) / static_cast<double>(n);
+  void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    static_assert(policy_traits<Policy>::host_memory,
+                  "gcomp::hard_threshold::compress selects on the host: it takes host_seq, host_par or "
+                  "thrust_device on Thrust's OpenMP system, not device memory (under cuda_par use gcomp::topk)");
+    if constexpr (host_policy<Policy>)
+      compress_host(policy, gradient, message, key);
+    else  // host-readable memory (thrust_device on OpenMP): the host selection
+      compress_host(host_seq{}, gradient, message, key);
   }
 
   template <class Policy>
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    detail::checked_scatter_add(policy, "gcomp::hard_threshold::decompress_add", message, out, scale);
+    detail::checked_scatter_add(policy, "gcomp::hard_threshold::decompress_add", message, out, scale, device_);
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -96,7 +92,24 @@ class hard_threshold {
   T tau() const { return tau_; }
 
  private:
+  template <class Policy>
+  void compress_host(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
+    constexpr std::string_view where = "gcomp::hard_threshold::compress";
+    const std::size_t n = gradient.size();
+    detail::check_threshold_index_type<Index>(where, n);
+    bool overflow = false;
+    // For finite g and tau > 0, |g| >= tau exactly when key(g) >= key(tau).
+    const std::size_t count = selector_.gather_at_least(
+        policy, gradient, detail::magnitude_bits<T>::key(tau_), 0, 0, where, overflow);
+    message.dimension = n;
+    message.indices.resize(count);
+    message.data.resize(count);
+    selector_.emit_gathered(policy, 0, message.indices.data(), message.data.data());
+    last_fraction_ = n == 0 ? 0.0 : static_cast<double>(count) / static_cast<double>(n);
+  }
+
   T tau_;
+  mutable detail::sparse_device_buffers<T, Index> device_;  // decompress_add's upload under a device policy
   double last_fraction_ = 0.0;
   detail::magnitude_selector<T> selector_;
 };
@@ -171,6 +184,37 @@ class sampled_topk {
 
   template <class Policy>
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    static_assert(policy_traits<Policy>::host_memory,
+                  "gcomp::sampled_topk::compress selects on the host: it takes host_seq, host_par or "
+                  "thrust_device on Thrust's OpenMP system, not device memory (under cuda_par use gcomp::topk)");
+    if constexpr (host_policy<Policy>)
+      compress_host(policy, gradient, message, key);
+    else  // host-readable memory (thrust_device on OpenMP): the host selection
+      compress_host(host_seq{}, gradient, message, key);
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    detail::checked_scatter_add(policy, "gcomp::sampled_topk::decompress_add", message, out, scale, device_);
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Bits per element of the largest message: floor((1 + tolerance) k) pairs.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t bytes = wire::header_bytes + 8 + max_kept(n) * (sizeof(Index) + sizeof(T));
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const sampled_topk_options& options() const { return options_; }
+  /// How the last compress ended, and the threshold its sample gave.
+  outcome last_outcome() const { return last_; }
+  T last_threshold() const { return threshold_; }
+
+ private:
+  template <class Policy>
+  void compress_host(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
     constexpr std::string_view where = "gcomp::sampled_topk::compress";
     using bits = detail::magnitude_bits<T>;
     const std::size_t n = gradient.size();
@@ -225,26 +269,6 @@ class sampled_topk {
   }
 
   template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    detail::checked_scatter_add(policy, "gcomp::sampled_topk::decompress_add", message, out, scale);
-  }
-
-  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
-
-  /// Bits per element of the largest message: floor((1 + tolerance) k) pairs.
-  double bits_per_element(std::size_t n) const {
-    if (n == 0) return 0.0;
-    const std::size_t bytes = wire::header_bytes + 8 + max_kept(n) * (sizeof(Index) + sizeof(T));
-    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
-  }
-
-  const sampled_topk_options& options() const { return options_; }
-  /// How the last compress ended, and the threshold its sample gave.
-  outcome last_outcome() const { return last_; }
-  T last_threshold() const { return threshold_; }
-
- private:
-  template <class Policy>
   void exact(const Policy& policy, std::span<const T> gradient, payload& message, std::size_t k,
              std::string_view where) {
     detail::write_sparse_in_place(message, gradient.size(), k, [&](Index* indices, T* values) {
@@ -258,6 +282,7 @@ class sampled_topk {
   std::vector<typename detail::magnitude_bits<T>::key_type> sample_;
   T threshold_ = T(0);
   outcome last_ = outcome::exact;
+  mutable detail::sparse_device_buffers<T, Index> device_;  // decompress_add's upload under a device policy
 };
 
 }  // namespace gcomp

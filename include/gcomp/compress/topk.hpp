@@ -14,12 +14,21 @@
 
 #include "gcomp/compress/detail/count.hpp"
 #include "gcomp/compress/detail/select.hpp"
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/sparse_payload.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/host.hpp"
+#include "gcomp/exec/policy.hpp"
+
+// Under nvcc the GPU selection comes with the header, so topk::compress takes
+// cuda_par without another include; host compilers never see CUDA.
+#if defined(__CUDACC__)
+#include "gcomp/compress/detail/topk_cuda.cuh"
+#endif
 
 namespace gcomp {
 
@@ -45,6 +54,15 @@ struct topk_options {
 /// k-th magnitude, then one gathering pass) and O(k) more, falling back to a
 /// radix select of two to four passes on inputs the sample misjudges
 /// (detail/select.hpp). No allocation after the first step of a given size.
+///
+/// Under cuda_par the gradient and decompress_add's output are device memory
+/// and the selection runs on the GPU (detail/topk_cuda.cuh: a radix select of
+/// about 2.2 read passes, no sort); the payload is the same host message, bit
+/// for bit, with the same errors. One object must not run two device steps
+/// at once (its device scratch is reused). Under thrust_device on Thrust's
+/// OpenMP system the host selection runs (host_seq); on Thrust's CUDA system
+/// compress does not compile (use cuda_par), while decompress_add works
+/// everywhere.
 template <class T = float, class Index = std::uint32_t>
 class topk {
  public:
@@ -103,6 +121,51 @@ class topk {
     const std::size_t n = gradient.size();
     detail::check_index_range<Index>(where, n);
     const std::size_t k = kept(n);  // checks k <= n and the layout before anything is written
+    if constexpr (detail::device_topk<Policy>::value) {
+      compress_on_device(policy, gradient, k, message, where);
+    } else if constexpr (host_policy<Policy>) {
+      compress_on_host(policy, gradient, k, message, where);
+    } else {
+      static_assert(policy_traits<Policy>::host_memory,
+                    "gcomp::topk::compress: this policy's memory is not readable by the host and it "
+                    "has no device selection (cuda_par has one; thrust_device on Thrust's CUDA "
+                    "system does not: use cuda_par)");
+      // Host-readable memory (thrust_device on OpenMP): the host selection.
+      compress_on_host(host_seq{}, gradient, k, message, where);
+    }
+  }
+
+  /// out += scale * C(g). Any well-formed sparse message of dimension
+  /// out.size() is accepted (indices strictly increasing and in range).
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    detail::checked_scatter_add(policy, "gcomp::topk::decompress_add", message, out, scale, device_);
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Exact bits on the wire per element: (24 + 8 + k (sizeof(Index) + sizeof(T))) * 8 / n.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t bytes = wire::header_bytes + 8 + kept(n) * (sizeof(Index) + sizeof(T));
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const topk_options& options() const { return options_; }
+
+  /// Whether the selection may take its sampled one-pass shortcut (on by
+  /// default). The result is the same either way; tests and benchmarks
+  /// switch it off to exercise or time the radix path alone.
+  void use_sampled_shortcut(bool on) { selector_.speculate = on; }
+  /// The route the last selection took (detail/select.hpp), for tests.
+  detail::select_path last_path() const { return selector_.last_path; }
+
+ private:
+  // The host selection (detail/select.hpp), for host-readable memory.
+  template <class Policy>
+  void compress_on_host(const Policy& policy, std::span<const T> gradient, std::size_t k,
+                        payload& message, std::string_view where) {
+    const std::size_t n = gradient.size();
     if (!per_layer_) {
       // The selection validates the whole gradient before it writes, so it
       // can write straight into the message; only growth must be undone.
@@ -128,32 +191,35 @@ class topk {
     message.data.assign(staged_values_.begin(), staged_values_.end());
   }
 
-  /// out += scale * C(g). Any well-formed sparse message of dimension
-  /// out.size() is accepted (indices strictly increasing and in range).
+  // The device selection (detail/sparse_device.hpp's device_topk): the picks
+  // go to device scratch, layer after layer, and reach the message only once
+  // every layer passed, so an error leaves it as it was.
   template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    detail::checked_scatter_add(policy, "gcomp::topk::decompress_add", message, out, scale);
+  void compress_on_device(const Policy& policy, std::span<const T> gradient, std::size_t k,
+                          payload& message, std::string_view where) {
+    const std::size_t n = gradient.size();
+    device_.indices.resize(policy, k, where);
+    device_.values.resize(policy, k, where);
+    T* values = device_.values.data();
+    Index* indices = device_.indices.data();
+    if (!per_layer_) {
+      if (k > 0)
+        detail::device_topk<Policy>::select(policy, gradient, k, 0, device_scratch_, values, indices, where);
+    } else {
+      std::size_t at = 0;
+      for (std::size_t d : order_) {
+        const layer& l = layout_[d];
+        const std::size_t kd = detail::count_for(where, 0, options_.ratio, l.size);
+        detail::device_topk<Policy>::select(policy, gradient.subspan(l.offset, l.size), kd, l.offset,
+                                            device_scratch_, values + at, indices + at, where);
+        at += kd;
+      }
+    }
+    detail::write_sparse_in_place(message, n, k, [&](Index* to_indices, T* to_values) {
+      copy_to_host(policy, std::span<const Index>(indices, k), std::span<Index>(to_indices, k));
+      copy_to_host(policy, std::span<const T>(values, k), std::span<T>(to_values, k));
+    });
   }
-
-  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
-
-  /// Exact bits on the wire per element: (24 + 8 + k (sizeof(Index) + sizeof(T))) * 8 / n.
-  double bits_per_element(std::size_t n) const {
-    if (n == 0) return 0.0;
-    const std::size_t bytes = wire::header_bytes + 8 + kept(n) * (sizeof(Index) + sizeof(T));
-    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
-  }
-
-  const topk_options& options() const { return options_; }
-
-  /// Whether the selection may take its sampled one-pass shortcut (on by
-  /// default). The result is the same either way; tests and benchmarks
-  /// switch it off to exercise or time the radix path alone.
-  void use_sampled_shortcut(bool on) { selector_.speculate = on; }
-  /// The route the last selection took (detail/select.hpp), for tests.
-  detail::select_path last_path() const { return selector_.last_path; }
-
- private:
 
   topk_options options_;
   layout layout_;
@@ -162,6 +228,10 @@ class topk {
   detail::magnitude_selector<T> selector_;
   std::vector<Index> staged_indices_;  // per-layer picks before they reach the message
   std::vector<T> staged_values_;
+  // Device scratch (cuda_par, thrust_device): the picks on their way to the
+  // message, and decompress_add's upload; the GPU selection's workspace.
+  mutable detail::sparse_device_buffers<T, Index> device_;
+  detail::opaque_scratch device_scratch_;
 };
 
 }  // namespace gcomp

@@ -15,6 +15,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/schedule.hpp"
 
@@ -128,18 +129,21 @@ class adam_base : public optimizer_base<Options> {
       T* v = exp_avg_sq_.data() + offset;
       T* vmax = amsgrad ? max_exp_avg_sq_.data() + offset : nullptr;
       for_each_index(policy, lay[d].size, [=] GCOMP_HD(std::size_t i) {
-        const T xi = decoupled ? x[i] * shrink : x[i];
-        const T gi = decoupled ? g[i] : g[i] + l2 * xi;
-        const T mi = m[i] * b1 + one_minus_b1 * gi;
-        T vi = v[i] * b2 + one_minus_b2 * gi * gi;
+        // Unfused products and sums (exec/detail/unfused.hpp): bitwise the
+        // host's on the device whatever nvcc's --fmad setting.
+        using detail::add_unfused, detail::mul_unfused;
+        const T xi = decoupled ? mul_unfused(x[i], shrink) : x[i];
+        const T gi = decoupled ? g[i] : add_unfused(g[i], mul_unfused(l2, xi));
+        const T mi = add_unfused(mul_unfused(m[i], b1), mul_unfused(one_minus_b1, gi));
+        T vi = add_unfused(mul_unfused(v[i], b2), mul_unfused(mul_unfused(one_minus_b2, gi), gi));
         m[i] = mi;
         v[i] = vi;
         if (amsgrad) {
           vi = vmax[i] < vi ? vi : vmax[i];
           vmax[i] = vi;
         }
-        const T denom = std::sqrt(vi) / sqrt_bc2 + eps;
-        x[i] = xi + neg_step_size * mi / denom;  // torch's addcdiv order
+        const T denom = add_unfused(std::sqrt(vi) / sqrt_bc2, eps);
+        x[i] = add_unfused(xi, mul_unfused(neg_step_size, mi) / denom);  // torch's addcdiv order
       });
     }
     this->finish_step();

@@ -19,6 +19,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
@@ -50,9 +51,10 @@ struct lamb_direction {
   T inv_bc1, inv_bc2;  // 1 / (1 - beta^t) of the layer's own t
   T eps, wd;
   GCOMP_HD T operator()(T x, T g, T& m, T& v) const {
-    m = b1 * m + one_minus_b1 * g;
-    v = b2 * v + one_minus_b2 * g * g;
-    return (m * inv_bc1) / (std::sqrt(v * inv_bc2) + eps) + wd * x;
+    m = add_unfused(mul_unfused(b1, m), mul_unfused(one_minus_b1, g));
+    v = add_unfused(mul_unfused(b2, v), mul_unfused(mul_unfused(one_minus_b2, g), g));
+    return add_unfused(mul_unfused(m, inv_bc1) / add_unfused(std::sqrt(mul_unfused(v, inv_bc2)), eps),
+                       mul_unfused(wd, x));
   }
 };
 
@@ -151,7 +153,7 @@ class lamb : public detail::optimizer_base<lamb_options> {
           T mi = m[i], vi = v[i];
           const T u = direction(x[i], g[i], mi, vi);
           const acc xi = x[i], ui = u;
-          return sums{xi * xi, ui * ui};
+          return sums{detail::mul_unfused(xi, xi), detail::mul_unfused(ui, ui)};
         });
         const double x_norm = std::sqrt(static_cast<double>(s.x));
         const double u_norm = std::sqrt(static_cast<double>(s.y));
@@ -165,7 +167,7 @@ class lamb : public detail::optimizer_base<lamb_options> {
         const T u = direction(x[i], g[i], mi, vi);
         m[i] = mi;
         v[i] = vi;
-        x[i] = x[i] + neg_scale * u;
+        x[i] = detail::add_unfused(x[i], detail::mul_unfused(neg_scale, u));
       });
     }
     finish_step();

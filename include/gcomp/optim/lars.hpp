@@ -17,6 +17,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/detail/sums_of_squares.hpp"
 #include "gcomp/optim/schedule.hpp"
@@ -102,7 +103,7 @@ class lars : public detail::optimizer_base<lars_options> {
     const T* g_all = grads.data();
     auto squares = [=] GCOMP_HD(std::size_t i) {
       const acc xi = x_all[i], gi = g_all[i];
-      return sums{xi * xi, gi * gi};
+      return sums{detail::mul_unfused(xi, xi), detail::mul_unfused(gi, gi)};
     };
     if (active.empty()) {
       reduce_per_layer(policy, lay, std::span<sums>(norms_), sums{}, add_sums{}, squares);
@@ -136,14 +137,20 @@ class lars : public detail::optimizer_base<lars_options> {
       const std::size_t n = lay[d].size;
       if (!use_momentum) {
         for_each_index(policy, n,
-                       [=] GCOMP_HD(std::size_t i) { x[i] = x[i] - scale * (g[i] + wd * x[i]); });
+                       [=] GCOMP_HD(std::size_t i) {
+                         using detail::add_unfused, detail::mul_unfused, detail::sub_unfused;
+                         const T step = mul_unfused(scale, add_unfused(g[i], mul_unfused(wd, x[i])));
+                         x[i] = sub_unfused(x[i], step);
+                       });
         continue;
       }
       T* v = momentum_.data() + lay[d].offset;
       for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
-        const T vi = mu * v[i] + scale * (g[i] + wd * x[i]);
+        using detail::add_unfused, detail::mul_unfused, detail::sub_unfused;
+        const T step = mul_unfused(scale, add_unfused(g[i], mul_unfused(wd, x[i])));
+        const T vi = add_unfused(mul_unfused(mu, v[i]), step);
         v[i] = vi;
-        x[i] = x[i] - vi;
+        x[i] = sub_unfused(x[i], vi);
       });
     }
     finish_step();

@@ -15,6 +15,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/optim/detail/optimizer_base.hpp"
 #include "gcomp/optim/schedule.hpp"
 
@@ -95,18 +96,24 @@ class sgd : public detail::optimizer_base<sgd_options> {
       const T* g = grads.data() + lay[d].offset;
       const std::size_t n = lay[d].size;
       if (!use_momentum) {
-        for_each_index(policy, n,
-                       [=] GCOMP_HD(std::size_t i) { x[i] = x[i] - lr * (g[i] + wd * x[i]); });
+        // Products and sums spelled unfused: the device never contracts
+        // them into FMAs, so its steps are bitwise the host's without
+        // --fmad=false (exec/detail/unfused.hpp).
+        for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
+          using detail::add_unfused, detail::mul_unfused, detail::sub_unfused;
+          x[i] = sub_unfused(x[i], mul_unfused(lr, add_unfused(g[i], mul_unfused(wd, x[i]))));
+        });
         continue;
       }
       T* b = momentum_.data() + lay[d].offset;
       const bool first = started_[d] == 0;
       started_[d] = 1;
       for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) {
-        const T step = g[i] + wd * x[i];
-        const T buf = first ? step : mu * b[i] + keep * step;
+        using detail::add_unfused, detail::mul_unfused, detail::sub_unfused;
+        const T step = add_unfused(g[i], mul_unfused(wd, x[i]));
+        const T buf = first ? step : add_unfused(mul_unfused(mu, b[i]), mul_unfused(keep, step));
         b[i] = buf;
-        x[i] = x[i] - lr * (nesterov ? step + mu * buf : buf);
+        x[i] = sub_unfused(x[i], mul_unfused(lr, nesterov ? add_unfused(step, mul_unfused(mu, buf)) : buf));
       });
     }
     finish_step();

@@ -63,6 +63,7 @@
 #include <string_view>
 
 #include "gcomp/compress/detail/radix_select.hpp"
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/exec/cuda.cuh"
 
@@ -278,7 +279,7 @@ template <class T, class Index>
 __global__ void __launch_bounds__(block_threads)
     write_kernel(const T* __restrict__ g, const state<key_of<T>>* st,
                  const unsigned long long* __restrict__ tile_before, unsigned int* above_bits,
-                 unsigned int* equal_bits, T* values, Index* indices) {
+                 unsigned int* equal_bits, T* values, Index* indices, std::size_t offset) {
   using scan = cub::BlockScan<unsigned long long, block_threads>;
   __shared__ typename scan::TempStorage temp;
   if (st->first_bad != no_index) return;
@@ -311,7 +312,7 @@ __global__ void __launch_bounds__(block_threads)
         unsigned long long slot = 0;
         if (radix::emit_flagged<unsigned long long>(is_above, ties, above_before, equal_before, slot)) {
           values[slot] = g[i];
-          indices[slot] = static_cast<Index>(i);
+          indices[slot] = static_cast<Index>(offset + i);
         }
         above_before += is_above ? 1u : 0u;
         equal_before += is_above ? 0u : 1u;
@@ -414,9 +415,9 @@ class cuda_topk_workspace {
 
   template <class U, class Index>
   friend void cuda_topk_async(cudaStream_t, std::span<const U>, std::size_t, cuda_topk_workspace<U>&,
-                              U*, Index*);
+                              U*, Index*, std::size_t);
   template <class U>
-  friend void cuda_topk_finish(cudaStream_t, cuda_topk_workspace<U>&);
+  friend void cuda_topk_finish(cudaStream_t, cuda_topk_workspace<U>&, std::string_view);
 
   std::unique_ptr<void, device_free> device_;
   std::unique_ptr<void, host_free> host_;  // pinned: the status copy is a true async copy
@@ -437,20 +438,24 @@ class cuda_topk_workspace {
   void* scan_temp_ = nullptr;
   std::size_t scan_bytes_ = 0;
   std::size_t pending_n_ = 0;  // the gradient size of the selection in flight (0: none)
+  std::size_t pending_offset_ = 0;  // its offset, for the error message
 };
 
 /// Queues the exact top-k of |g| on `stream` and returns without waiting:
 /// `values_out[0..k)` and `indices_out[0..k)` (device memory) receive the k
 /// elements of largest magnitude (ties to the lower index) with their signed
 /// values, indices strictly increasing: the host gcomp::topk's selection.
-/// `g` is device memory of at most 2^32 - 1 elements. Arguments are checked
+/// `g` is device memory of at most 2^32 - 1 elements. With an offset (a
+/// layer of a larger gradient) the indices written, and the index a
+/// non-finite error names, are offset + i. Arguments are checked
 /// here (k = 0, k > n, n too large, null outputs: gcomp::error); non-finite
 /// values are only reported by cuda_topk_finish, which must be called before
 /// the workspace is used again. The first call for a size allocates the
 /// workspace (cudaMalloc: not stream-ordered); later calls allocate nothing.
 template <class T, class Index>
 void cuda_topk_async(cudaStream_t stream, std::span<const T> g, std::size_t k,
-                     cuda_topk_workspace<T>& ws, T* values_out, Index* indices_out) {
+                     cuda_topk_workspace<T>& ws, T* values_out, Index* indices_out,
+                     std::size_t offset) {
   static_assert(std::is_same_v<Index, std::uint32_t> || std::is_same_v<Index, std::uint64_t>,
                 "gcomp::detail::cuda_topk: indices are std::uint32_t or std::uint64_t");
   constexpr std::string_view where = "gcomp::detail::cuda_topk";
@@ -463,6 +468,8 @@ void cuda_topk_async(cudaStream_t stream, std::span<const T> g, std::size_t k,
   require(g.data() != nullptr, where, "gradient is a null pointer with size ", n);
   require(values_out != nullptr && indices_out != nullptr, where,
           "values_out and indices_out must be device pointers to k = ", k, " entries");
+  require(offset + n - 1 <= std::numeric_limits<Index>::max(), where, "offset ", offset, " plus size ", n,
+          " exceeds the index type's range");
   require(ws.pending_n_ == 0, where,
           "the workspace has a selection in flight; call cuda_topk_finish first");
   ws.reserve(n, where);
@@ -498,19 +505,26 @@ void cuda_topk_async(cudaStream_t stream, std::span<const T> g, std::size_t k,
                                            static_cast<int>(tiles), stream),
              where, "cub::DeviceScan::ExclusiveSum");
   write_kernel<T, Index><<<tiles, block_threads, 0, stream>>>(p, ws.state_, ws.before_, ws.above_bits_,
-                                                              ws.equal_bits_, values_out, indices_out);
+                                                              ws.equal_bits_, values_out, indices_out, offset);
   // Launch errors (bad configuration, no device) show here without a sync.
   cuda_check(cudaGetLastError(), where, "launching the top-k kernels");
   ws.pending_n_ = n;
+  ws.pending_offset_ = offset;
+}
+
+/// cuda_topk_async of a whole gradient (offset 0).
+template <class T, class Index>
+void cuda_topk_async(cudaStream_t stream, std::span<const T> g, std::size_t k,
+                     cuda_topk_workspace<T>& ws, T* values_out, Index* indices_out) {
+  cuda_topk_async(stream, g, k, ws, values_out, indices_out, std::size_t{0});
 }
 
 /// Waits for the selection queued by cuda_topk_async (the one host sync of a
 /// top-k: the non-finite flag must come back to be thrown) and throws
 /// gcomp::error naming the first non-finite index and its value, as the host
-/// top-k does; the outputs were then left unchanged.
+/// top-k does (`where` names the caller); the outputs were then left unchanged.
 template <class T>
-void cuda_topk_finish(cudaStream_t stream, cuda_topk_workspace<T>& ws) {
-  constexpr std::string_view where = "gcomp::detail::cuda_topk";
+void cuda_topk_finish(cudaStream_t stream, cuda_topk_workspace<T>& ws, std::string_view where) {
   if (ws.pending_n_ == 0) return;
   ws.pending_n_ = 0;
   using state_type = typename cuda_topk_workspace<T>::state_type;
@@ -519,8 +533,13 @@ void cuda_topk_finish(cudaStream_t stream, cuda_topk_workspace<T>& ws) {
              where, "cudaMemcpyAsync of the status");
   cuda_check(cudaStreamSynchronize(stream), where, "cudaStreamSynchronize");
   if (status->first_bad != topk_cuda::no_index)
-    fail(where, "gradient[", status->first_bad, "] = ", static_cast<T>(status->bad_value),
+    fail(where, "gradient[", ws.pending_offset_ + status->first_bad, "] = ", static_cast<T>(status->bad_value),
          " is not finite; top-k and threshold selection need finite values");
+}
+
+template <class T>
+void cuda_topk_finish(cudaStream_t stream, cuda_topk_workspace<T>& ws) {
+  cuda_topk_finish(stream, ws, "gcomp::detail::cuda_topk");
 }
 
 /// cuda_topk_async then cuda_topk_finish: the selection is in the outputs
@@ -531,5 +550,19 @@ void cuda_topk(cudaStream_t stream, std::span<const T> g, std::size_t k, cuda_to
   cuda_topk_async(stream, g, k, ws, values_out, indices_out);
   cuda_topk_finish(stream, ws);
 }
+
+/// gcomp::topk's selection under cuda_par (compress/detail/sparse_device.hpp):
+/// cuda_topk on the policy's stream with the workspace kept in the
+/// compressor's opaque scratch.
+template <>
+struct device_topk<cuda_par> : std::true_type {
+  template <class T, class Index>
+  static void select(const cuda_par& policy, std::span<const T> g, std::size_t k, std::size_t offset,
+                     opaque_scratch& scratch, T* values, Index* indices, std::string_view where) {
+    auto& ws = scratch.get<cuda_topk_workspace<T>>();
+    cuda_topk_async(policy.stream, g, k, ws, values, indices, offset);
+    cuda_topk_finish(policy.stream, ws, where);
+  }
+};
 
 }  // namespace gcomp::detail

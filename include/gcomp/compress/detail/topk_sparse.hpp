@@ -6,6 +6,7 @@
 #include <span>
 #include <string_view>
 
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/sparse_payload.hpp"
 #include "gcomp/exec/host.hpp"
@@ -49,6 +50,21 @@ void checked_scatter_add(const Policy& policy, std::string_view where,
   const T* v = message.data.data();
   for_each_index(policy, message.indices.size(),
                  [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+}
+
+/// The same under any policy: host policies add in place; a device policy
+/// (cuda_par, thrust_device) checks the message on the host, then uploads it
+/// into `device` and adds there (out is then the policy's memory).
+template <class Policy, class T, class Index>
+void checked_scatter_add(const Policy& policy, std::string_view where,
+                         const sparse_payload<T, Index>& message, std::span<T> out, T scale,
+                         sparse_device_buffers<T, Index>& device) {
+  if constexpr (host_policy<Policy>) {
+    checked_scatter_add(policy, where, message, out, scale);
+  } else {
+    check_sparse_addend(where, message, out.size());
+    sparse_device_scatter_add(policy, message, out, scale, device, where);
+  }
 }
 
 /// Sets message to dimension n and k entries written by write(indices,

@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "gcomp/core/config.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 
 namespace gcomp {
 namespace detail {
@@ -23,7 +24,7 @@ struct sums_of_squares {
 template <class T>
 struct add_sums_of_squares {
   GCOMP_HD sums_of_squares<T> operator()(sums_of_squares<T> a, sums_of_squares<T> b) const {
-    return {a.x + b.x, a.y + b.y};
+    return {add_unfused(a.x, b.x), add_unfused(a.y, b.y)};
   }
 };
 

@@ -1,0 +1,171 @@
+// Sparse sameness: top-k, random-k and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+//
+// The including test calls check_sparse_cases(policy), check_sparse_wrappers
+// (policy) and check_sparse_errors(policy). Under cuda_par, topk::compress is
+// the GPU radix select (compress/detail/topk_cuda.cuh) and every other step the
+// generic device path (compress/detail/sparse_device.hpp); under thrust_device
+// on OpenMP, top-k selects on the host and the rest is the device path. The
+// host oracle is host_seq, whose selection is checked against a sort in
+// tests/test_topk.cpp. The step helpers are those of the quantizers
+// (tests/quant_sameness.hpp).
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <gcomp/compress/error_feedback.hpp>
+#include <gcomp/compress/randomk.hpp>
+#include <gcomp/compress/threshold_topk.hpp>
+#include <gcomp/compress/topk.hpp>
+#include <gcomp/core/layout.hpp>
+#include <gcomp/exec/policy.hpp>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "quant_sameness.hpp"
+
+namespace gcomp_test::sparse_sameness {
+
+using namespace gcomp_test::quant_sameness;
+
+// Layers out of offset order with a gap (elements 900..999 belong to none),
+// so per-layer indices must come out increasing and skip the gap.
+inline gcomp::layout sample_layout() {
+  return gcomp::layout::from_layers({{"b", 600, 300, {}}, {"a", 0, 600, {}}, {"c", 1000, 1500, {}}},
+                                    gcomp::gaps::allowed);
+}
+
+template <class T, class Index, class Policy>
+void check_cases_of(const Policy& policy) {
+  const gcomp::rng_key key{31, 4, 2};
+  for (std::size_t n : {1, 2, 63, 64, 65, 1000, 4097, 70001}) {
+    CAPTURE(n);
+    const std::vector<T> g = sample_gradient<T>(n, static_cast<unsigned>(n) + 1);
+    for (std::size_t k : {std::size_t{1}, n / 100 + 1, n / 3 + 1, n}) {
+      if (k > n) continue;
+      CAPTURE(k);
+      check_one(policy, gcomp::topk<T, Index>({.k = k}), g, key);
+      check_one(policy, gcomp::randomk<T, gcomp::key_use::per_worker, gcomp::rescale::unbiased, Index>({.k = k}),
+                g, key);
+      check_one(policy, gcomp::shared_randomk<T, gcomp::rescale::none, Index>({.k = k}), g, key);
+    }
+    if constexpr (gcomp::policy_traits<Policy>::host_memory) {
+      check_one(policy, gcomp::hard_threshold<T, Index>(T(1.2)), g, key);
+      check_one(policy, gcomp::sampled_topk<T, Index>({.ratio = 0.01}), g, key);
+    }
+  }
+  // Heavy ties: every magnitude equal, so the lowest indices must win.
+  std::vector<T> ties(5000, T(2));
+  for (std::size_t i = 0; i < ties.size(); i += 2) ties[i] = T(-2);
+  check_one(policy, gcomp::topk<T, Index>({.k = 777}), ties, key);
+  // All zeros, negative zeros among them.
+  std::vector<T> zeros(3000, T(0));
+  for (std::size_t i = 0; i < zeros.size(); i += 3) zeros[i] = -T(0);
+  check_one(policy, gcomp::topk<T, Index>({.k = 10}), zeros, key);
+  // Per layer, layers out of order and a gap.
+  const std::vector<T> g = sample_gradient<T>(2500, 77);
+  for (double ratio : {0.001, 0.05, 0.5, 1.0}) {
+    CAPTURE(ratio);
+    check_one(policy, gcomp::topk<T, Index>({.ratio = ratio}, sample_layout()), g, key);
+    check_one(policy, gcomp::randomk<T, gcomp::key_use::per_worker, gcomp::rescale::unbiased, Index>(
+                          {.ratio = ratio}, sample_layout()),
+              g, key);
+  }
+  // Empty gradient: an empty message, nothing to add.
+  check_one(policy, gcomp::topk<T, Index>({.ratio = 0.1}), std::vector<T>{}, key);
+}
+
+/// Payloads and decompress_add bitwise equal to host_seq: float and double,
+/// 32- and 64-bit indices, sizes around warps and the GPU top-k's 32-bit
+/// bitmap words and 131072-element tiles, k from 1 to n, ties, zeros, layers.
+template <class Policy>
+void check_sparse_cases(const Policy& policy) {
+  SUBCASE("float, 32-bit indices") { check_cases_of<float, std::uint32_t>(policy); }
+  SUBCASE("double, 64-bit indices") { check_cases_of<double, std::uint64_t>(policy); }
+  SUBCASE("a gradient over several GPU top-k tiles") {
+    const std::vector<float> big = sample_gradient<float>(300001, 5);
+    check_one(policy, gcomp::topk<float>({.k = 300}), big, gcomp::rng_key{1, 2, 3});
+    check_one(policy, gcomp::topk<float>({.k = 30000}), big, gcomp::rng_key{1, 2, 3});
+  }
+}
+
+/// error_feedback around top-k and an unscaled random-k with its residual in
+/// the policy's memory: payloads and residuals bitwise host_seq's, step by step.
+template <class Policy>
+void check_sparse_wrappers(const Policy& policy) {
+  check_wrapper(policy, gcomp::error_feedback<gcomp::topk<float>>(gcomp::topk<float>({.ratio = 0.01})), 6000, 6);
+  check_wrapper(policy,
+                gcomp::error_feedback<gcomp::randomk<double, gcomp::key_use::per_worker, gcomp::rescale::none>>(
+                    gcomp::randomk<double, gcomp::key_use::per_worker, gcomp::rescale::none>({.k = 50})),
+                3000, 5);
+}
+
+// decompress_add of `message` into an n-element output must throw the host's
+// error under both policies and leave the device's output as it was.
+template <class C, class Policy>
+void check_decompress_error(const Policy& policy, const C& c, const typename C::payload& message,
+                            std::size_t n, const std::string& expected_part) {
+  using T = typename C::value_type;
+  const std::vector<T> base(n, T(3));
+  std::vector<T> host_out = base;
+  const std::string host_error =
+      message_of([&] { c.decompress_add(gcomp::host_seq{}, message, std::span<T>(host_out), T(1)); });
+  gcomp::policy_buffer<T> out;
+  out.assign_from_host(policy, std::span<const T>(base));
+  const std::string device_error = message_of([&] { c.decompress_add(policy, message, out.span(), T(1)); });
+  CAPTURE(host_error);
+  CHECK(host_error.find(expected_part) != std::string::npos);
+  CHECK(device_error == host_error);
+  CHECK(same_bytes(base, read_back(policy, std::span<const T>(out.span()))));
+}
+
+/// Non-finite gradients (the first index named, also in a later layer, the
+/// message untouched) and malformed messages (another dimension, repeated or
+/// decreasing indices, an index out of range, a random-k message of the
+/// wrong size), the output untouched.
+template <class Policy>
+void check_sparse_errors(const Policy& policy) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> g = sample_gradient<float>(5000, 8);
+  g[4000] = nan;
+  g[1234] = -inf;
+  check_compress_error(policy, gcomp::topk<float>({.k = 50}), g, "gradient[1234]");
+  check_compress_error(policy, gcomp::topk<float>({.k = 5000}), g, "gradient[1234]");
+  g[1234] = 0.5f;
+  check_compress_error(policy, gcomp::topk<float>({.k = 50}), g, "gradient[4000]");
+  // Per layer: the NaN sits in the last layer visited (offset 1000), after
+  // the other layers were selected.
+  std::vector<float> lg = sample_gradient<float>(2500, 9);
+  lg[2222] = inf;
+  check_compress_error(policy, gcomp::topk<float>({.ratio = 0.1}, sample_layout()), lg, "gradient[2222]");
+
+  const std::vector<float> base = sample_gradient<float>(400, 10);
+  gcomp::topk<float> top({.k = 20});
+  gcomp::sparse_payload<float> m;
+  top.compress(gcomp::host_seq{}, std::span<const float>(base), m, gcomp::rng_key{});
+  check_decompress_error(policy, top, m, 399, "dimension");
+  gcomp::sparse_payload<float> repeated = m;
+  repeated.indices[7] = repeated.indices[6];
+  check_decompress_error(policy, top, repeated, 400, "strictly increasing");
+  gcomp::sparse_payload<float> outside = m;
+  outside.indices.back() = 400;
+  outside.dimension = 400;
+  check_decompress_error(policy, top, outside, 400, "out of range");
+  gcomp::sparse_payload<float> uneven = m;
+  uneven.data.pop_back();
+  check_decompress_error(policy, top, uneven, 400, "message.data");
+  check_decompress_error(policy, gcomp::hard_threshold<float>(0.5f), repeated, 400, "strictly increasing");
+  check_decompress_error(policy, gcomp::sampled_topk<float>({.ratio = 0.05}), outside, 400, "out of range");
+
+  gcomp::randomk<float> rk({.k = 21});
+  check_decompress_error(policy, rk, m, 400, "this random-k keeps 21");
+  check_decompress_error(policy, rk, outside, 400, "out of range");
+}
+
+}  // namespace gcomp_test::sparse_sameness
