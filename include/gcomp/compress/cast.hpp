@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -12,13 +13,31 @@
 #include <vector>
 
 #include "gcomp/compress/detail/sign_common.hpp"
+#include "gcomp/compress/detail/sign_device.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/half.hpp"
 #include "gcomp/core/message.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// cast's decoder: o + scale * widen(h), the product and the sum unfused so
+/// that the device's result is the host's; decompress_add calls it on both.
+template <class T, class H>
+struct cast_widen_add {
+  T scale;
+  GCOMP_HD T operator()(T o, H h) const {
+    return add_unfused(o, mul_unfused(scale, static_cast<T>(to_float(h))));
+  }
+};
+
+}  // namespace detail
 
 /// C(g)_i = round_to_nearest_even_H(g_i), sent as a dense vector of H
 /// (float16 or bfloat16, core/half.hpp) and widened back on arrival:
@@ -42,6 +61,11 @@ namespace gcomp {
 ///    is range-checked and converted while in cache, into a staging buffer
 ///    swapped into the payload; F16C when compiled for it); decompress_add
 ///    one pass.
+///  - Device policies (cuda_par, thrust_device: the gradient and out in
+///    device memory, the payload on the host): a range check, a conversion
+///    kernel and one copy of the 16-bit values to the host; decompress_add
+///    uploads them and adds on the device. Payloads, outputs and errors are
+///    bitwise those of host_seq (detail/sign_device.hpp).
 template <class T, class H>
 class cast {
  public:
@@ -54,22 +78,33 @@ class cast {
   template <class Policy>
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
     const std::size_t n = gradient.size();
-    // One pass: each block of the gradient is range-checked and converted
-    // while it is in cache, into the staging buffer; it becomes the payload
-    // (a swap) only when no element was out of range.
-    staged_.resize(n);
-    H* out = staged_.data();
-    const T* in = gradient.data();
-    const std::size_t blocks = detail::reduce_block_count(n);
-    std::atomic<bool> bad{false};
-    detail::sign_impl::for_each_block(policy, blocks, [=, &bad](std::size_t b) {
-      const std::size_t begin = b * detail::reduce_block;
-      const std::size_t len = std::min(n, begin + detail::reduce_block) - begin;
-      if (convert_block(in + begin, len, out + begin)) bad.store(true, std::memory_order_relaxed);
-    });
-    if (bad.load()) {
-      check_range(policy, gradient);  // throws, naming the first bad index
-      fail(where_compress(), "internal error: an element was out of range");
+    if constexpr (!host_policy<Policy>) {
+      // The first element out of range (one reduction), then the conversion.
+      const std::size_t bad = detail::first_out_of_range(policy, gradient, overflow_threshold());
+      if (bad != n) {
+        T x{};
+        copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&x, 1));
+        fail_out_of_range(bad, x);
+      }
+      detail::cast_device_convert(policy, gradient, device_, staged_, where_compress());
+    } else {
+      // One pass: each block of the gradient is range-checked and converted
+      // while it is in cache, into the staging buffer; it becomes the payload
+      // (a swap) only when no element was out of range.
+      staged_.resize(n);
+      H* out = staged_.data();
+      const T* in = gradient.data();
+      const std::size_t blocks = detail::reduce_block_count(n);
+      std::atomic<bool> bad{false};
+      detail::sign_impl::for_each_block(policy, blocks, [=, &bad](std::size_t b) {
+        const std::size_t begin = b * detail::reduce_block;
+        const std::size_t len = std::min(n, begin + detail::reduce_block) - begin;
+        if (convert_block(in + begin, len, out + begin)) bad.store(true, std::memory_order_relaxed);
+      });
+      if (bad.load()) {
+        check_range(policy, gradient);  // throws, naming the first bad index
+        fail(where_compress(), "internal error: an element was out of range");
+      }
     }
     message.data.swap(staged_);
   }
@@ -81,10 +116,14 @@ class cast {
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out,
                       T scale) const {
     check_same_size(where_decompress(), "out", out.size(), "message", message.size());
-    T* o = out.data();
-    const H* v = message.data.data();
-    for_each_index(policy, out.size(),
-                   [=](std::size_t i) { o[i] += scale * static_cast<T>(to_float(v[i])); });
+    const detail::cast_widen_add<T, H> add{scale};
+    if constexpr (!host_policy<Policy>) {
+      detail::cast_device_decompress_add(policy, message.data, out, add, device_, where_decompress());
+    } else {
+      T* o = out.data();
+      const H* v = message.data.data();
+      for_each_index(policy, out.size(), [=](std::size_t i) { o[i] = add(o[i], v[i]); });
+    }
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -103,11 +142,14 @@ class cast {
   }
 
  private:
-  static std::string where_compress() {
-    return std::string("gcomp::cast<") + half_format<H>::name + ">::compress";
+  static const std::string& where_compress() {
+    static const std::string where = std::string("gcomp::cast<") + half_format<H>::name + ">::compress";
+    return where;
   }
-  static std::string where_decompress() {
-    return std::string("gcomp::cast<") + half_format<H>::name + ">::decompress_add";
+  static const std::string& where_decompress() {
+    static const std::string where =
+        std::string("gcomp::cast<") + half_format<H>::name + ">::decompress_add";
+    return where;
   }
 
   /// Converts x[0, len) into out; returns whether some element is out of
@@ -127,16 +169,24 @@ class cast {
 
   template <class Policy>
   static void check_range(const Policy& policy, std::span<const T> g) {
-    detail::sign_impl::check_below(policy, g, overflow_threshold(), [&](std::size_t i) {
-      const T x = g[i];
-      if (!std::isfinite(x)) fail(where_compress(), "gradient[", i, "] = ", x, " is not finite");
-      fail(where_compress(), "gradient[", i, "] = ", x, " overflows ", half_format<H>::name,
-           " (it would round to infinity; the largest finite value is ",
-           half_format<H>::max_finite, ")");
-    });
+    detail::sign_impl::check_below(policy, g, overflow_threshold(),
+                                   [&](std::size_t i) { fail_out_of_range(i, g[i]); });
+  }
+
+  /// Throws for gradient[i] = x out of range: not finite, or rounding to infinity.
+  [[noreturn]] static void fail_out_of_range(std::size_t i, T x) {
+    if (!std::isfinite(x)) fail(where_compress(), "gradient[", i, "] = ", x, " is not finite");
+    fail(where_compress(), "gradient[", i, "] = ", x, " overflows ", half_format<H>::name,
+         " (it would round to infinity; the largest finite value is ", half_format<H>::max_finite,
+         ")");
   }
 
   std::vector<H> staged_;  // the converted values before they reach the payload
+  // Device scratch under cuda_par / thrust_device (the converted values, or
+  // a message's values for decompress_add), sized at the first device call;
+  // mutable for decompress_add: one object must not decompress on two
+  // threads at once under a device policy.
+  mutable policy_buffer<H> device_;
 };
 
 /// Gradients sent as IEEE float16.

@@ -8,12 +8,32 @@
 #include <utility>
 
 #include "gcomp/compress/detail/sign_common.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// onebit's two summands, branch-free: s = 0 gives x if x >= 0 else 0, s = 1
+/// gives x if x < 0 else 0 (a NaN or an infinity gives NaN, so its group's
+/// sums are not finite). The host's fused pass and the device reductions
+/// both call it.
+template <class T>
+struct onebit_split_term {
+  using acc = sign_impl::sign_accumulator<T>;
+  GCOMP_HD acc operator()(std::size_t s, T v) const {
+    const acc x = static_cast<acc>(v);
+    return s == 0 ? mul_unfused(x, static_cast<acc>(!(x < acc(0))))
+                  : mul_unfused(x, static_cast<acc>(!(x >= acc(0))));
+  }
+};
+
+}  // namespace detail
 
 /// bit_i = (g_i >= 0) (-0 counts as non-negative), and element i of group d
 /// is reconstructed as
@@ -37,7 +57,8 @@ namespace gcomp {
 /// Payload: quantized_payload<T>, bits = 1, bucket = 0, 2 scales per group.
 /// Wire: 24 + 17 + 2 sizeof(T) groups + ceil(n / 8) bytes. Non-finite input
 /// throws gcomp::error naming the first bad index, before anything is
-/// written. Bitwise the same on every policy and thread count.
+/// written. Bitwise the same on every policy and thread count, device
+/// policies included (as gcomp::sign).
 template <class T = float>
 class onebit : public detail::sign_impl::one_bit_compressor<onebit<T>, T> {
   using base = detail::sign_impl::one_bit_compressor<onebit<T>, T>;
@@ -55,17 +76,11 @@ class onebit : public detail::sign_impl::one_bit_compressor<onebit<T>, T> {
   template <class Policy>
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
     // The sums of the non-negative part and of the negative part of every
-    // group, branch-free (a non-finite element makes its group's sums
-    // non-finite); the number of set bits per group gives the sizes of the
-    // two sides.
-    const auto nonneg = [](acc x) { return x * static_cast<acc>(!(x < acc(0))); };  // x if x >= 0 else 0; NaN, inf -> NaN
-    const auto neg = [](acc x) { return x * static_cast<acc>(!(x >= acc(0))); };    // x if x < 0 else 0; NaN, inf -> NaN
+    // group (onebit_split_term); the number of set bits per group gives the
+    // sizes of the two sides.
     this->template compress_groups<2>(
         policy, gradient, message, "gcomp::onebit::compress", "the sums of group ", " overflow",
-        [=](std::size_t s, T v) {
-          const acc x = static_cast<acc>(v);
-          return s == 0 ? nonneg(x) : neg(x);
-        },
+        detail::onebit_split_term<T>{},
         [this](std::size_t begin, std::size_t size, const acc* sum, T* scales) {
           const std::size_t np = detail::sign_impl::count_bits(this->staged_.data(), begin, begin + size);
           const acc p = static_cast<acc>(np);
@@ -92,7 +107,7 @@ class onebit : public detail::sign_impl::one_bit_compressor<onebit<T>, T> {
         fail(where, "message.scales[", 2 * d + 1, "] = ", message.scales[2 * d + 1],
              " (mean of the negative elements) is positive");
     }
-    base::add_levels(policy, groups, message, out, [&](std::size_t d) {
+    this->add_levels(policy, where, groups, message, out, [&](std::size_t d) {
       return std::pair<T, T>(scale * message.scales[2 * d], scale * message.scales[2 * d + 1]);
     });
   }

@@ -8,12 +8,26 @@
 #include <utility>
 
 #include "gcomp/compress/detail/sign_common.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// sign's summand |x| in the accumulator type; the host's fused pass and the
+/// device reductions both call it.
+template <class T>
+struct sign_l1_term {
+  using acc = sign_impl::sign_accumulator<T>;
+  GCOMP_HD acc operator()(std::size_t, T x) const { return static_cast<acc>(magnitude(x)); }
+};
+
+}  // namespace detail
 
 /// C(g) = (||g||_1 / d) sign(g) with sign(0) = +1 (also for -0): one bit per
 /// element plus one scale (T) per group. A group is the whole buffer, or,
@@ -39,7 +53,9 @@ namespace gcomp {
 /// Non-finite gradients are rejected: compress throws gcomp::error naming
 /// the first such index and leaves the payload as it was. The result is
 /// bitwise the same on every policy and thread count (sums follow the fixed
-/// reduction order). Cost on the host: one read pass for the whole buffer
+/// reduction order), device policies included (cuda_par, thrust_device: the
+/// gradient and out in device memory, the payload on the host;
+/// detail/sign_device.hpp). Cost on the host: one read pass for the whole buffer
 /// (the l1 sum in the fixed order and the bits, 64 at a time), two with a
 /// layout (the per-layer sums, then the packing), and a write of n / 8 bytes;
 /// decompress_add one pass over out.
@@ -62,7 +78,7 @@ class sign : public detail::sign_impl::one_bit_compressor<sign<T>, T> {
     // s_d = ||g_d||_1 / |d| (0 for an empty group).
     this->template compress_groups<1>(
         policy, gradient, message, "gcomp::sign::compress", "the l1 norm of group ", " overflows",
-        [](std::size_t, T x) { return static_cast<acc>(std::fabs(x)); },
+        detail::sign_l1_term<T>{},
         [](std::size_t, std::size_t size, const acc* l1, T* scales) {
           scales[0] = size == 0 ? T(0) : static_cast<T>(l1[0] / static_cast<acc>(size));
         });
@@ -80,7 +96,7 @@ class sign : public detail::sign_impl::one_bit_compressor<sign<T>, T> {
     for (std::size_t d = 0; d < groups.count(); ++d)
       if (message.scales[d] < T(0))
         fail(where, "message.scales[", d, "] = ", message.scales[d], " is negative");
-    base::add_levels(policy, groups, message, out, [&](std::size_t d) {
+    this->add_levels(policy, where, groups, message, out, [&](std::size_t d) {
       const T s = scale * message.scales[d];
       return std::pair<T, T>(s, -s);
     });

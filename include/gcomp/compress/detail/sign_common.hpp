@@ -13,9 +13,11 @@
 #include <utility>
 #include <vector>
 
+#include "gcomp/compress/detail/sign_device.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/quantized_payload.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/host.hpp"
 
 #if defined(__AVX__) && !defined(GCOMP_PORTABLE_KERNELS)
@@ -328,7 +330,9 @@ class one_bit_compressor {
   /// The compress skeleton. For s < Sums and every group d, sum_s(d) = the
   /// sum over i in d of term(s, g_i) (type acc, the fixed reduction order):
   /// one read pass with the bits for the whole buffer (fused_sums_and_bits),
-  /// else per-layer reductions and then the packing. A non-finite sum throws
+  /// else per-layer reductions and then the packing; under a device policy
+  /// the sums and bits of detail/sign_device.hpp, bitwise the same (term is
+  /// then called on the device: a GCOMP_HD functor). A non-finite sum throws
   /// naming the group's first non-finite element, else (prefix, d, suffix),
   /// before the message is touched. Then the message gets bits 1, bucket 0,
   /// the bits, and for each group the scales_per_group scales that
@@ -344,7 +348,9 @@ class one_bit_compressor {
     const T* g = gradient.data();
     sums_.resize(Sums * count);  // sums_[s * count + d]
     staged_.resize(quantized::word_count(n, 1));
-    if (!per_layer_) {
+    if constexpr (!host_policy<Policy>) {
+      sign_device_sums<Sums, acc>(policy, groups.lay, gradient, sums_.data(), term);
+    } else if (!per_layer_) {
       fused_sums_and_bits<Sums, acc>(policy, g, n, staged_.data(), sums_.data(), term);
     } else {
       [&]<std::size_t... S>(std::index_sequence<S...>) {
@@ -357,11 +363,21 @@ class one_bit_compressor {
     for (std::size_t d = 0; d < count; ++d)
       for (std::size_t s = 0; s < Sums; ++s)
         if (!std::isfinite(sums_[s * count + d])) {
-          throw_first_non_finite(where, g, groups.offset(d), groups.offset(d) + groups.size(d));
+          const std::size_t begin = groups.offset(d);
+          const std::size_t end = begin + groups.size(d);
+          if constexpr (!host_policy<Policy>)
+            sign_device_throw_first_non_finite(policy, where, gradient, begin, end);
+          else
+            throw_first_non_finite(where, g, begin, end);
           fail(where, prefix, d, suffix);
         }
-    // Nothing can fail from here on.
-    if (per_layer_) pack_bits_of(policy, n, g, staged_.data());
+    // Nothing can fail from here on (but a device error).
+    if constexpr (!host_policy<Policy>) {
+      sign_device_pack(policy, gradient, device_words_, std::span<std::uint64_t>(staged_), where);
+      for (const auto& [b, e] : gaps_) clear_bits(staged_.data(), b, e);
+    } else if (per_layer_) {
+      pack_bits_of(policy, n, g, staged_.data());
+    }
     message.dimension = n;
     message.bits = 1;
     message.bucket = 0;
@@ -391,22 +407,19 @@ class one_bit_compressor {
   }
 
   /// out[i] += bit_i ? up : down for i in group d, where {up, down} = levels(d);
-  /// gap elements are left alone.
+  /// gap elements are left alone. Both sides add with sign_level_adder
+  /// (detail/sign_device.hpp); under a device policy the words are uploaded
+  /// to device scratch first (one kernel per group, as on the host).
   template <class Policy, class Levels>
-  static void add_levels(const Policy& policy, const sign_groups& groups, const payload& message,
-                         std::span<T> out, Levels levels) {
+  void add_levels(const Policy& policy, std::string_view where, const sign_groups& groups,
+                  const payload& message, std::span<T> out, Levels levels) const {
     const std::uint64_t* words = message.words.data();
-    T* o = out.data();
+    if constexpr (!host_policy<Policy>)
+      words = sign_device_upload_words(policy, message.words, device_words_, where);
     for (std::size_t d = 0; d < groups.count(); ++d) {
       const std::pair<T, T> level = levels(d);
-      const T up = level.first;
-      const T down = level.second;
-      const std::size_t offset = groups.offset(d);
-      for_each_index(policy, groups.size(d), [=](std::size_t k) {
-        const std::size_t i = offset + k;
-        const bool bit = (words[i / 64] >> (i % 64)) & 1u;
-        o[i] += bit ? up : down;
-      });
+      for_each_index(policy, groups.size(d),
+                     sign_level_adder<T>{words, out.data(), groups.offset(d), level.first, level.second});
     }
   }
 
@@ -415,6 +428,11 @@ class one_bit_compressor {
   gap_list gaps_;
   std::vector<acc> sums_;              // per sum and group, reused
   std::vector<std::uint64_t> staged_;  // the bits before they reach the message
+  // Device scratch under cuda_par / thrust_device (the bits, or a message's
+  // words for decompress_add), sized at the first device call; mutable for
+  // decompress_add: one object must not decompress on two threads at once
+  // under a device policy.
+  mutable policy_buffer<std::uint64_t> device_words_;
 };
 
 }  // namespace gcomp::detail::sign_impl
