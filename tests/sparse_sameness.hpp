@@ -1,7 +1,7 @@
-// Sparse sameness: top-k, random-k and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+// Sparse sameness: top-k, random-k, random blocks, chains and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
-// The including test calls check_sparse_cases(policy), check_sparse_wrappers
-// (policy) and check_sparse_errors(policy). Under cuda_par, topk::compress is
+// The including test calls check_sparse_cases(policy), check_chain_cases(policy),
+// check_sparse_wrappers(policy) and check_sparse_errors(policy). Under cuda_par, topk::compress is
 // the GPU radix select (compress/detail/topk_cuda.cuh) and every other step the
 // generic device path (compress/detail/sparse_device.hpp); under thrust_device
 // on OpenMP, top-k selects on the host and the rest is the device path. The
@@ -12,8 +12,13 @@
 
 #include <doctest/doctest.h>
 
+#include <gcomp/compress/chain.hpp>
 #include <gcomp/compress/error_feedback.hpp>
+#include <gcomp/compress/natural.hpp>
+#include <gcomp/compress/qsgd.hpp>
+#include <gcomp/compress/random_block.hpp>
 #include <gcomp/compress/randomk.hpp>
+#include <gcomp/compress/terngrad.hpp>
 #include <gcomp/compress/threshold_topk.hpp>
 #include <gcomp/compress/topk.hpp>
 #include <gcomp/core/layout.hpp>
@@ -54,6 +59,9 @@ void check_cases_of(const Policy& policy) {
                 g, key);
       check_one(policy, gcomp::shared_randomk<T, gcomp::rescale::none, Index>({.k = k}), g, key);
     }
+    // A block that wraps around the end for most keys, scaled and not.
+    check_one(policy, gcomp::random_contiguous_block<T>({.ratio = 0.3}), g, key);
+    check_one(policy, gcomp::random_contiguous_block<T, gcomp::rescale::none>({.k = n}), g, key);
     if constexpr (gcomp::policy_traits<Policy>::host_memory) {
       check_one(policy, gcomp::hard_threshold<T, Index>(T(1.2)), g, key);
       check_one(policy, gcomp::sampled_topk<T, Index>({.ratio = 0.01}), g, key);
@@ -91,6 +99,30 @@ void check_sparse_cases(const Policy& policy) {
     const std::vector<float> big = sample_gradient<float>(300001, 5);
     check_one(policy, gcomp::topk<float>({.k = 300}), big, gcomp::rng_key{1, 2, 3});
     check_one(policy, gcomp::topk<float>({.k = 30000}), big, gcomp::rng_key{1, 2, 3});
+  }
+}
+
+/// chain<A, B> with A's kept values going up to B on the device and B's
+/// decoded values coming down for A's scatter: top-k then QSGD, random-k then
+/// TernGrad, a random block then natural compression.
+template <class Policy>
+void check_chain_cases(const Policy& policy) {
+  const gcomp::rng_key key{8, 1, 5};
+  for (std::size_t n : {1, 100, 5000, 70001}) {
+    CAPTURE(n);
+    const std::vector<float> g = sample_gradient<float>(n, static_cast<unsigned>(n) + 3);
+    check_one(policy,
+              gcomp::chain<gcomp::topk<float>, gcomp::qsgd<float>>(gcomp::topk<float>({.ratio = 0.02}),
+                                                                   gcomp::qsgd<float>({.levels = 7, .bucket = 128})),
+              g, key);
+    check_one(policy,
+              gcomp::chain<gcomp::randomk<float>, gcomp::terngrad<float>>(gcomp::randomk<float>({.ratio = 0.1}),
+                                                                         gcomp::terngrad<float>({.bucket = 64})),
+              g, key);
+    check_one(policy,
+              gcomp::chain<gcomp::random_contiguous_block<float>, gcomp::natural<float>>(
+                  gcomp::random_contiguous_block<float>({.ratio = 0.25}), gcomp::natural<float>{}),
+              g, key);
   }
 }
 
@@ -162,6 +194,17 @@ void check_sparse_errors(const Policy& policy) {
   check_decompress_error(policy, top, uneven, 400, "message.data");
   check_decompress_error(policy, gcomp::hard_threshold<float>(0.5f), repeated, 400, "strictly increasing");
   check_decompress_error(policy, gcomp::sampled_topk<float>({.ratio = 0.05}), outside, 400, "out of range");
+
+  // A block message with its offset out of range, one with too few values.
+  gcomp::random_contiguous_block<float> block({.k = 40});
+  gcomp::block_payload<float> bm;
+  block.compress(gcomp::host_seq{}, std::span<const float>(base), bm, gcomp::rng_key{3, 3, 3});
+  gcomp::block_payload<float> far = bm;
+  far.offset = 400;
+  check_decompress_error(policy, block, far, 400, "out of range");
+  gcomp::block_payload<float> short_block = bm;
+  short_block.data.pop_back();
+  check_decompress_error(policy, block, short_block, 400, "keeps 40");
 
   gcomp::randomk<float> rk({.k = 21});
   check_decompress_error(policy, rk, m, 400, "this random-k keeps 21");

@@ -21,6 +21,10 @@ TEST_CASE("topk, randomk and threshold top-k under thrust_device equal host_seq 
   check_sparse_cases(gcomp::thrust_device{});
 }
 
+TEST_CASE("chains of a sparsifier and a quantizer under thrust_device equal host_seq bitwise") {
+  check_chain_cases(gcomp::thrust_device{});
+}
+
 TEST_CASE("error_feedback around top-k and random-k under thrust_device equals host_seq bitwise") {
   check_sparse_wrappers(gcomp::thrust_device{});
 }

@@ -13,6 +13,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -148,8 +149,17 @@ class chain {
     // was (the swap keeps both buffers' capacity for the next step).
     first_.compress(policy, gradient, scratch_, key);
     auto kept = scratch_.values();
-    second_.compress(policy, std::span<const value_type>(kept.data(), kept.size()),
-                     message.values_message, key.fork(detail::chain_tag));
+    if constexpr (host_policy<Policy>) {
+      second_.compress(policy, std::span<const value_type>(kept.data(), kept.size()),
+                       message.values_message, key.fork(detail::chain_tag));
+    } else {
+      // A's message is on the host and B takes device memory: the k kept
+      // values go up once.
+      device_.resize(policy, kept.size(), "gcomp::chain::compress");
+      copy_from_host(policy, std::span<const value_type>(kept.data(), kept.size()), device_.span());
+      second_.compress(policy, std::span<const value_type>(device_.data(), kept.size()),
+                       message.values_message, key.fork(detail::chain_tag));
+    }
     using std::swap;
     swap(message.support, scratch_);
   }
@@ -166,9 +176,17 @@ class chain {
            out.size());
     scratch_ = message.support;  // copy-assignment reuses the capacity
     auto kept = scratch_.values();
-    value_type* v = kept.data();
-    for_each_index(policy, kept.size(), [=](std::size_t j) { v[j] = value_type(0); });
-    second_.decompress_add(policy, message.values_message, kept, value_type(1));
+    if constexpr (host_policy<Policy>) {
+      value_type* v = kept.data();
+      for_each_index(policy, kept.size(), [=](std::size_t j) { v[j] = value_type(0); });
+      second_.decompress_add(policy, message.values_message, kept, value_type(1));
+    } else {
+      // B decodes into zeroed device memory; the k values come down into the
+      // support's copy, which A then adds on the device.
+      device_.assign(policy, kept.size(), value_type(0), where);
+      second_.decompress_add(policy, message.values_message, device_.span(), value_type(1));
+      copy_to_host(policy, std::span<const value_type>(device_.data(), kept.size()), kept);
+    }
     first_.decompress_add(policy, scratch_, out, scale);
   }
 
@@ -230,6 +248,7 @@ class chain {
   A first_;
   B second_;
   mutable typename A::payload scratch_;  // compress's staged support, decompress_add's copy
+  mutable policy_buffer<value_type> device_;  // B's input and output under a device policy
 };
 
 }  // namespace gcomp

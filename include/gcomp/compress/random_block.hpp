@@ -8,9 +8,12 @@
 #include <vector>
 
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -116,6 +119,43 @@ void decode_support(std::span<const std::byte> bytes, block_payload<T>& into,
 }
 
 /// How many elements random_contiguous_block keeps: exactly one of the two is set.
+namespace detail {
+
+/// d[j] = g[(offset + j) mod n], times s when Scaled: a block's values under a
+/// device policy (a functor, not a lambda: nvcc's extended lambdas cannot
+/// capture inside if constexpr).
+template <class T, bool Scaled>
+struct block_gather {
+  const T* g;
+  T* d;
+  std::size_t offset, n;
+  T s;
+  GCOMP_HD void operator()(std::size_t j) const {
+    std::size_t i = offset + j;
+    if (i >= n) i -= n;
+    if constexpr (Scaled)
+      d[j] = mul_unfused(g[i], s);
+    else
+      d[j] = g[i];
+  }
+};
+
+/// o[(offset + j) mod n] += scale * d[j], the product rounded before the sum.
+template <class T>
+struct block_add {
+  const T* d;
+  T* o;
+  std::size_t offset, n;
+  T scale;
+  GCOMP_HD void operator()(std::size_t j) const {
+    std::size_t i = offset + j;
+    if (i >= n) i -= n;
+    o[i] = add_unfused(o[i], mul_unfused(scale, d[j]));
+  }
+};
+
+}  // namespace detail
+
 struct random_contiguous_block_options {
   std::size_t k = 0;   // block length
   double ratio = 0.0;  // block length as a fraction of the gradient, rounded, at least 1
@@ -180,14 +220,25 @@ class random_contiguous_block {
     const T s = Scale == rescale::unbiased && k > 0
                     ? static_cast<T>(static_cast<double>(n) / static_cast<double>(k))
                     : T(1);
-    for_each_index(policy, k, [=](std::size_t j) {
-      std::size_t i = offset + j;
-      if (i >= n) i -= n;
-      if constexpr (Scale == rescale::unbiased)
-        v[j] = g[i] * s;
-      else
-        v[j] = g[i];
-    });
+    if constexpr (!host_policy<Policy>) {
+      // Device memory: the block is gathered (and scaled) into device
+      // scratch, then copied into the host message.
+      constexpr std::string_view where = "gcomp::random_contiguous_block::compress";
+      device_.resize(policy, k, where);
+      T* d = device_.data();
+      for_each_index(policy, k,
+                     detail::block_gather<T, Scale == rescale::unbiased>{g, d, offset, n, s});
+      copy_to_host(policy, std::span<const T>(d, k), std::span<T>(v, k));
+    } else {
+      for_each_index(policy, k, [=](std::size_t j) {
+        std::size_t i = offset + j;
+        if (i >= n) i -= n;
+        if constexpr (Scale == rescale::unbiased)
+          v[j] = g[i] * s;
+        else
+          v[j] = g[i];
+      });
+    }
   }
 
   template <class Policy>
@@ -205,11 +256,19 @@ class random_contiguous_block {
     T* o = out.data();
     const T* v = message.data.data();
     const std::size_t offset = static_cast<std::size_t>(message.offset);
-    for_each_index(policy, k, [=](std::size_t j) {
-      std::size_t i = offset + j;
-      if (i >= n) i -= n;
-      o[i] += scale * v[j];
-    });
+    if constexpr (!host_policy<Policy>) {
+      // Device memory: the checked values are uploaded, then added in place.
+      if (k == 0) return;
+      device_.resize(policy, k, where);
+      copy_from_host(policy, std::span<const T>(v, k), device_.span());
+      for_each_index(policy, k, detail::block_add<T>{device_.data(), o, offset, n, scale});
+    } else {
+      for_each_index(policy, k, [=](std::size_t j) {
+        std::size_t i = offset + j;
+        if (i >= n) i -= n;
+        o[i] += scale * v[j];
+      });
+    }
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
@@ -224,6 +283,9 @@ class random_contiguous_block {
 
  private:
   random_contiguous_block_options options_;
+  // Device scratch (cuda_par, thrust_device): the block's values on their way
+  // to or from the host message.
+  mutable policy_buffer<T> device_;
 };
 
 }  // namespace gcomp
