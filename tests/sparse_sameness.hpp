@@ -1,6 +1,7 @@
-// Sparse sameness: top-k, random-k, random blocks, chains and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+// Sparse and low-rank sameness: top-k, random-k, random blocks, chains, PowerSGD and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
 // The including test calls check_sparse_cases(policy), check_chain_cases(policy),
+// check_powersgd_cases(policy),
 // check_sparse_wrappers(policy) and check_sparse_errors(policy). Under cuda_par, topk::compress is
 // the GPU radix select (compress/detail/topk_cuda.cuh) and every other step the
 // generic device path (compress/detail/sparse_device.hpp); under thrust_device
@@ -15,6 +16,7 @@
 #include <gcomp/compress/chain.hpp>
 #include <gcomp/compress/error_feedback.hpp>
 #include <gcomp/compress/natural.hpp>
+#include <gcomp/compress/powersgd.hpp>
 #include <gcomp/compress/qsgd.hpp>
 #include <gcomp/compress/random_block.hpp>
 #include <gcomp/compress/randomk.hpp>
@@ -124,6 +126,42 @@ void check_chain_cases(const Policy& policy) {
                   gcomp::random_contiguous_block<float>({.ratio = 0.25}), gcomp::natural<float>{}),
               g, key);
   }
+}
+
+// Layers PowerSGD factors and layers it sends as they are: a 40 x 30 matrix,
+// a conv kernel 8 x (3 x 3 x 3), a bias, and a 3 x 2 matrix too small for rank 2.
+inline gcomp::layout powersgd_layout() {
+  return gcomp::layout::from_layers({{"w", 0, 1200, {40, 30}},
+                                     {"conv", 1200, 216, {8, 3, 3, 3}},
+                                     {"bias", 1416, 40, {}},
+                                     {"tiny", 1456, 6, {3, 2}}});
+}
+
+/// PowerSGD: M Q and M^T P on the device (one thread per entry, summed in
+/// the host loops' order), Gram-Schmidt and the warm start on the host; the
+/// same factors, and the same P Q^T added, bitwise. Ranks 1 and 2, a rank-1
+/// matrix at rank 2 (a degenerate column, redrawn), float and double, and
+/// error feedback around it.
+template <class Policy>
+void check_powersgd_cases(const Policy& policy) {
+  const gcomp::rng_key key{4, 4, 4};
+  const std::vector<float> g = sample_gradient<float>(1462, 21);
+  for (std::size_t rank : {1, 2}) {
+    CAPTURE(rank);
+    check_one(policy, gcomp::powersgd<float>({.rank = rank}, powersgd_layout()), g, key);
+  }
+  const std::vector<double> gd = sample_gradient<double>(1462, 22);
+  check_one(policy, gcomp::powersgd<double>({.rank = 2}, powersgd_layout()), gd, key);
+  // Rank one: row i is (i + 1) * (1, 2, ..., 30); its second column of P is dependent.
+  std::vector<float> outer(1200);
+  for (std::size_t i = 0; i < 40; ++i)
+    for (std::size_t c = 0; c < 30; ++c) outer[i * 30 + c] = float(i + 1) * float(c + 1) / 64.0f;
+  check_one(policy,
+            gcomp::powersgd<float>({.rank = 2}, gcomp::layout::from_layers({{"w", 0, 1200, {40, 30}}})),
+            outer, key);
+  check_wrapper(policy,
+                gcomp::error_feedback<gcomp::powersgd<float>>(gcomp::powersgd<float>({.rank = 2}, powersgd_layout())),
+                1462, 5);
 }
 
 /// error_feedback around top-k and an unscaled random-k with its residual in

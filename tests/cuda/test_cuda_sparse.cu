@@ -32,6 +32,11 @@ TEST_CASE("chains of a sparsifier and a quantizer under cuda_par equal host_seq 
   check_chain_cases(gcomp::cuda_par{s.stream});
 }
 
+TEST_CASE("powersgd under cuda_par equals host_seq bitwise") {
+  stream_holder s;
+  check_powersgd_cases(gcomp::cuda_par{s.stream});
+}
+
 TEST_CASE("error_feedback around top-k and random-k under cuda_par equals host_seq bitwise") {
   stream_holder s;
   check_sparse_wrappers(gcomp::cuda_par{s.stream});

@@ -25,6 +25,10 @@ TEST_CASE("chains of a sparsifier and a quantizer under thrust_device equal host
   check_chain_cases(gcomp::thrust_device{});
 }
 
+TEST_CASE("powersgd under thrust_device equals host_seq bitwise") {
+  check_powersgd_cases(gcomp::thrust_device{});
+}
+
 TEST_CASE("error_feedback around top-k and random-k under thrust_device equals host_seq bitwise") {
   check_sparse_wrappers(gcomp::thrust_device{});
 }

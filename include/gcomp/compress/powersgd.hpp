@@ -17,6 +17,7 @@
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/lowrank_payload.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -104,25 +105,31 @@ class powersgd {
       T* out = message.data.data() + at;
       const std::size_t rows = k.rows, cols = k.cols;
       if (k.rank == 0) {
-        for_each_index(policy, rows * cols, [=](std::size_t i) { out[i] = m[i]; });
+        if constexpr (host_policy<Policy>)
+          for_each_index(policy, rows * cols, [=](std::size_t i) { out[i] = m[i]; });
+        else
+          copy_to_host(policy, std::span<const T>(m, rows * cols), std::span<T>(out, rows * cols));
         at += rows * cols;
         continue;
       }
       std::vector<T>& q = warm_[b];
-      if (q.empty()) {  // first step: Q ~ N(0, 1) from the shared key
+      if (q.empty()) {  // first step: Q ~ N(0, 1) from the shared key (on the host: Q is host state)
         q.resize(cols * r);
-        draw_normal(policy, stream.fork(b), q.data(), cols * r);
+        if constexpr (host_policy<Policy>)
+          draw_normal(policy, stream.fork(b), q.data(), cols * r);
+        else
+          draw_normal(host_seq{}, stream.fork(b), q.data(), cols * r);
       }
       p_.resize(std::max(p_.size(), rows * r));
       q_.resize(std::max(q_.size(), cols * r));
       degenerate_.resize(std::max(degenerate_.size(), r));
-      detail::lowrank_multiply(policy, m, rows, cols, q.data(), r, p_.data());
+      multiply(policy, m, rows, cols, q.data(), r, p_.data());
       detail::lowrank_orthonormalise(p_.data(), rows, r, degenerate_.data());
       T* p_out = out;
       T* q_out = out + rows * r;
       for (std::size_t i = 0; i < rows * r; ++i) p_out[i] = static_cast<T>(p_[i]);
       // Q from the P that is sent (rounded to T), so P Q^T is the receiver's projection.
-      detail::lowrank_multiply_transposed(policy, m, rows, cols, p_out, r, q_.data());
+      multiply_transposed(policy, m, rows, cols, p_out, r, q_.data());
       for (std::size_t i = 0; i < cols * r; ++i) q_out[i] = static_cast<T>(q_[i]);
       std::copy(q_out, q_out + cols * r, q.begin());
       for (std::size_t j = 0; j < r; ++j)
@@ -139,18 +146,10 @@ class powersgd {
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
     constexpr std::string_view where = "gcomp::powersgd::decompress_add";
     detail::check_lowrank(where, message, out.size());
-    std::size_t at = 0;
-    for (const block& k : message.blocks) {
-      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
-      const T* v = message.data.data() + at;
-      T* o = out.data() + k.offset;
-      if (r == 0) {
-        for_each_index(policy, rows * cols, [=](std::size_t i) { o[i] += scale * v[i]; });
-        at += rows * cols;
-      } else {
-        detail::lowrank_add_product(policy, v, v + rows * r, rows, cols, r, scale, o);
-        at += r * (rows + cols);
-      }
+    if constexpr (!host_policy<Policy>) {
+      decompress_add_on_device(policy, message, out, scale);
+    } else {
+      decompress_add_on_host(policy, message, out, scale);
     }
   }
 
@@ -215,6 +214,84 @@ class powersgd {
   }
 
  private:
+  template <class Policy>
+  void decompress_add_on_host(const Policy& policy, const payload& message, std::span<T> out,
+                              T scale) const {
+    std::size_t at = 0;
+    for (const block& k : message.blocks) {
+      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
+      const T* v = message.data.data() + at;
+      T* o = out.data() + k.offset;
+      if (r == 0) {
+        for_each_index(policy, rows * cols, [=](std::size_t i) { o[i] += scale * v[i]; });
+        at += rows * cols;
+      } else {
+        detail::lowrank_add_product(policy, v, v + rows * r, rows, cols, r, scale, o);
+        at += r * (rows + cols);
+      }
+    }
+  }
+
+  // Under a device policy the message (host) goes up once, then one thread
+  // per output element adds the same sums as the host loops.
+  template <class Policy>
+  void decompress_add_on_device(const Policy& policy, const payload& message, std::span<T> out,
+                                T scale) const {
+    constexpr std::string_view where = "gcomp::powersgd::decompress_add";
+    if (message.data.empty()) return;
+    device_values_.resize(policy, message.data.size(), where);
+    copy_from_host(policy, std::span<const T>(message.data), device_values_.span());
+    std::size_t at = 0;
+    for (const block& k : message.blocks) {
+      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
+      const T* v = device_values_.data() + at;
+      T* o = out.data() + k.offset;
+      if (r == 0) {
+        for_each_index(policy, rows * cols, detail::lowrank_add_dense_entry<T>{v, o, scale});
+        at += rows * cols;
+      } else {
+        for_each_index(policy, rows * cols,
+                       detail::lowrank_add_product_entry<T>{v, v + rows * r, o, cols, r, scale});
+        at += r * (rows + cols);
+      }
+    }
+  }
+
+  // P = M Q (double, host p) with M in the policy's memory and Q on the host.
+  template <class Policy>
+  void multiply(const Policy& policy, const T* m, std::size_t rows, std::size_t cols, const T* q,
+                std::size_t r, double* p) {
+    if constexpr (host_policy<Policy>) {
+      detail::lowrank_multiply(policy, m, rows, cols, q, r, p);
+    } else {
+      constexpr std::string_view where = "gcomp::powersgd::compress";
+      device_values_.resize(policy, cols * r, where);
+      device_product_.resize(policy, rows * r, where);
+      copy_from_host(policy, std::span<const T>(q, cols * r), device_values_.span());
+      for_each_index(policy, rows * r,
+                     detail::lowrank_multiply_entry<T>{m, device_values_.data(), device_product_.data(), cols, r});
+      copy_to_host(policy, std::span<const double>(device_product_.data(), rows * r), std::span<double>(p, rows * r));
+    }
+  }
+
+  // Q = M^T P (double, host q) with M in the policy's memory and P on the host.
+  template <class Policy>
+  void multiply_transposed(const Policy& policy, const T* m, std::size_t rows, std::size_t cols,
+                           const T* p, std::size_t r, double* q) {
+    if constexpr (host_policy<Policy>) {
+      detail::lowrank_multiply_transposed(policy, m, rows, cols, p, r, q);
+    } else {
+      constexpr std::string_view where = "gcomp::powersgd::compress";
+      device_values_.resize(policy, rows * r, where);
+      device_product_.resize(policy, cols * r, where);
+      copy_from_host(policy, std::span<const T>(p, rows * r), device_values_.span());
+      for_each_index(policy, cols * r,
+                     detail::lowrank_multiply_transposed_entry<T>{m, device_values_.data(), device_product_.data(),
+                                                                  rows, cols, r});
+      copy_to_host(policy, std::span<const double>(device_product_.data(), cols * r), std::span<double>(q, cols * r));
+    }
+  }
+
   static std::string warm_start_name(std::size_t b) {
     return "warm_start[" + std::to_string(b) + "]";
   }
@@ -235,6 +312,10 @@ class powersgd {
   std::vector<std::vector<T>> warm_;  // per block: Q of the last step
   std::vector<double> p_, q_;         // double scratch for P and Q
   std::vector<unsigned char> degenerate_;
+  // Device scratch (cuda_par, thrust_device): Q or P going up, or the whole
+  // message for decompress_add; M Q or M^T P coming down. Q stays host state.
+  mutable policy_buffer<T> device_values_;
+  policy_buffer<double> device_product_;
 };
 
 }  // namespace gcomp

@@ -1,4 +1,4 @@
-// Host kernels of PowerSGD's power step: P = M Q, Gram-Schmidt on P, Q = M^T P, and P Q^T added into a buffer.
+// Kernels of PowerSGD's power step: P = M Q, Gram-Schmidt on P, Q = M^T P, and P Q^T added into a buffer (host loops, and one-thread-per-entry functors for device policies that sum in the same order).
 #pragma once
 
 #include <algorithm>
@@ -7,6 +7,8 @@
 #include <span>
 #include <vector>
 
+#include "gcomp/core/config.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp::detail {
@@ -115,5 +117,71 @@ void lowrank_add_product(const Policy& policy, const T* p, const T* q, std::size
     }
   });
 }
+
+// One thread per output entry under a device policy. Each entry is summed
+// in the host loops' order (from 0.0, one term after another, the product
+// rounded before the sum), so the results are bitwise the host's; the host
+// loops above are faster on a CPU, these are the first, uncoalesced form on a
+// GPU (each thread walks a row or a column of M).
+
+/// p[t] for t = i * r + j: sum over c of m[i][c] * q[c][j] (lowrank_multiply).
+template <class T>
+struct lowrank_multiply_entry {
+  const T* m;
+  const T* q;
+  double* p;
+  std::size_t cols, r;
+  GCOMP_HD void operator()(std::size_t t) const {
+    const std::size_t i = t / r, j = t % r;
+    const T* mi = m + i * cols;
+    double s = 0.0;
+    for (std::size_t c = 0; c < cols; ++c)
+      s = add_unfused(s, mul_unfused(static_cast<double>(mi[c]), static_cast<double>(q[c * r + j])));
+    p[t] = s;
+  }
+};
+
+/// q[t] for t = c * r + j: sum over i of m[i][c] * p[i][j] (lowrank_multiply_transposed).
+template <class T>
+struct lowrank_multiply_transposed_entry {
+  const T* m;
+  const T* p;
+  double* q;
+  std::size_t rows, cols, r;
+  GCOMP_HD void operator()(std::size_t t) const {
+    const std::size_t c = t / r, j = t % r;
+    double s = 0.0;
+    for (std::size_t i = 0; i < rows; ++i)
+      s = add_unfused(s, mul_unfused(static_cast<double>(m[i * cols + c]), static_cast<double>(p[i * r + j])));
+    q[t] = s;
+  }
+};
+
+/// out[t] += scale * T(sum over j of p[i][j] q[c][j]) for t = i * cols + c
+/// (lowrank_add_product).
+template <class T>
+struct lowrank_add_product_entry {
+  const T* p;
+  const T* q;
+  T* out;
+  std::size_t cols, r;
+  T scale;
+  GCOMP_HD void operator()(std::size_t t) const {
+    const std::size_t i = t / cols, c = t % cols;
+    double s = 0.0;
+    for (std::size_t j = 0; j < r; ++j)
+      s = add_unfused(s, mul_unfused(static_cast<double>(p[i * r + j]), static_cast<double>(q[c * r + j])));
+    out[t] = add_unfused(out[t], mul_unfused(scale, static_cast<T>(s)));
+  }
+};
+
+/// out[t] += scale * v[t]: a block sent as it is.
+template <class T>
+struct lowrank_add_dense_entry {
+  const T* v;
+  T* out;
+  T scale;
+  GCOMP_HD void operator()(std::size_t t) const { out[t] = add_unfused(out[t], mul_unfused(scale, v[t])); }
+};
 
 }  // namespace gcomp::detail
