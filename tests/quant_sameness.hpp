@@ -1,4 +1,4 @@
-// Quantizer sameness: qsgd, terngrad and natural under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+// Quantizer sameness: qsgd, terngrad, natural and grid_round under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
 // The including test calls check_quantizer_cases(policy) and
 // check_quantizer_errors(policy) from its TEST_CASEs. Gradients and outputs
@@ -12,6 +12,7 @@
 
 #include <gcomp/compress/ef21.hpp>
 #include <gcomp/compress/error_feedback.hpp>
+#include <gcomp/compress/grid_round.hpp>
 #include <gcomp/compress/natural.hpp>
 #include <gcomp/compress/qsgd.hpp>
 #include <gcomp/compress/terngrad.hpp>
@@ -134,7 +135,12 @@ void check_cases_of(const Policy& policy) {
       check_one(policy, gcomp::terngrad<T>({.bucket = bucket}), g, key);
     }
     if constexpr (std::is_same_v<T, float>) check_one(policy, gcomp::natural<float>{}, g, key);
+    for (unsigned bits : {4u, 16u})  // every level fits: |g| < 8 (spacing 1, 4 bits), 0.25 * 2^15
+      check_one(policy, gcomp::grid_round<T>({.spacing = bits == 4 ? 1.0 : 0.25, .bits = bits}), g, key);
   }
+  // Ties at half a grid step (away from zero) and the two ends of the code range.
+  check_one(policy, gcomp::grid_round<T>({.spacing = 0.5, .bits = 3}),
+            std::vector<T>{T(0.25), T(-0.25), T(0.75), T(-0.75), T(1.5), T(-2), T(1.7), T(-2.2), T(0)}, key);
   // Whole-vector scales over many reduce blocks, and the default buckets.
   const std::vector<T> big = sample_gradient<T>(70001, 11);
   for (std::size_t bucket : {0, 512}) {
@@ -263,6 +269,16 @@ void check_quantizer_errors(const Policy& policy) {
     check_compress_error(policy, gcomp::natural<float>{}, g, "gradient[400]");
     g[400] = 1.0f;
     check_compress_error(policy, gcomp::natural<float>{}, g, "gradient[900]");
+  }
+  // grid_round: a NaN and a level off the 4-bit range (the first is named).
+  {
+    std::vector<float> g = sample_gradient<float>(1000, 6);
+    for (float& x : g) x *= 0.5f;
+    g[800] = nan;
+    g[300] = 9.0f;  // level 9 > 7
+    check_compress_error(policy, gcomp::grid_round<float>({.spacing = 1.0, .bits = 4}), g, "gradient[300]");
+    g[300] = 0.0f;
+    check_compress_error(policy, gcomp::grid_round<float>({.spacing = 1.0, .bits = 4}), g, "gradient[800]");
   }
   // float: each |g| fits, the bucket norm does not.
   std::vector<float> large(128, 3.0e38f);

@@ -1,4 +1,4 @@
-// Sparse and low-rank sameness: top-k, random-k, random blocks, chains, PowerSGD and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
+// Sparse, dense and low-rank sameness: top-k, random-k, Bernoulli, random blocks, chains, identity, PowerSGD and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
 // The including test calls check_sparse_cases(policy), check_chain_cases(policy),
 // check_powersgd_cases(policy),
@@ -13,8 +13,10 @@
 
 #include <doctest/doctest.h>
 
+#include <gcomp/compress/bernoulli.hpp>
 #include <gcomp/compress/chain.hpp>
 #include <gcomp/compress/error_feedback.hpp>
+#include <gcomp/compress/identity.hpp>
 #include <gcomp/compress/natural.hpp>
 #include <gcomp/compress/powersgd.hpp>
 #include <gcomp/compress/qsgd.hpp>
@@ -61,6 +63,9 @@ void check_cases_of(const Policy& policy) {
                 g, key);
       check_one(policy, gcomp::shared_randomk<T, gcomp::rescale::none, Index>({.k = k}), g, key);
     }
+    check_one(policy, gcomp::identity<T>{}, g, key);
+    check_one(policy, gcomp::bernoulli_sparsifier<T, gcomp::key_use::per_worker, Index>(0.05), g, key);
+    check_one(policy, gcomp::bernoulli_sparsifier<T, gcomp::key_use::shared, Index>(0.7), g, key);
     // A block that wraps around the end for most keys, scaled and not.
     check_one(policy, gcomp::random_contiguous_block<T>({.ratio = 0.3}), g, key);
     check_one(policy, gcomp::random_contiguous_block<T, gcomp::rescale::none>({.k = n}), g, key);
@@ -85,6 +90,9 @@ void check_cases_of(const Policy& policy) {
     check_one(policy, gcomp::randomk<T, gcomp::key_use::per_worker, gcomp::rescale::unbiased, Index>(
                           {.ratio = ratio}, sample_layout()),
               g, key);
+    const std::vector<double> keep{ratio, 1.0, ratio / 2};
+    check_one(policy,
+              gcomp::bernoulli_sparsifier<T, gcomp::key_use::per_worker, Index>(sample_layout(), keep), g, key);
   }
   // Empty gradient: an empty message, nothing to add.
   check_one(policy, gcomp::topk<T, Index>({.ratio = 0.1}), std::vector<T>{}, key);

@@ -13,7 +13,9 @@
 #include <vector>
 
 #include "gcomp/compress/detail/random_sampling.hpp"
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/random.hpp"
@@ -21,6 +23,20 @@
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// The Bernoulli sparsifier's coin of flat index offset + i: a functor, so
+/// select_if can run it on the device (a namespace-scope type: nvcc rejects
+/// private types as kernel template arguments).
+struct bernoulli_coin {
+  rng_key stream;
+  std::size_t offset;
+  float p;
+  GCOMP_HD bool operator()(std::size_t i) const { return bernoulli(stream, offset + i, p); }
+};
+
+}  // namespace detail
 
 /// C(g)_i = g_i / q_i with probability q_i, else 0, independently per
 /// coordinate: unbiased, E||C(g)||^2 = sum g_i^2 / q_i <= alpha ||g||^2 with
@@ -92,6 +108,43 @@ class bernoulli_sparsifier {
     detail::check_index_range<Index>(where, n);
     if (per_layer_) layout_.check_buffer(where, "gradient", n);
     const rng_key stream = (Key == key_use::shared ? key.shared() : key).fork(detail::bernoulli_tag);
+    if constexpr (!host_policy<Policy>) {
+      compress_on_device(policy, gradient, message, stream, where);
+    } else {
+      compress_on_host(policy, gradient, message, stream);
+    }
+  }
+
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    constexpr std::string_view where = "gcomp::bernoulli_sparsifier::decompress_add";
+    detail::check_sparse_addend(where, message, out.size());
+    if (per_layer_) layout_.check_buffer(where, "out", out.size());
+    if constexpr (!host_policy<Policy>) {
+      detail::sparse_device_scatter_add(policy, message, out, scale, device_, where);
+    } else {
+      T* o = out.data();
+      const Index* idx = message.indices.data();
+      const T* v = message.data.data();
+      for_each_index(policy, message.size(), [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+    }
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Expected bits per element (the kept count is random).
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const double bytes = static_cast<double>(wire::header_bytes + 8) +
+                         expected_kept(n) * static_cast<double>(sizeof(Index) + sizeof(T));
+    return 8.0 * bytes / static_cast<double>(n);
+  }
+
+ private:
+  template <class Policy>
+  void compress_on_host(const Policy& policy, std::span<const T> gradient, payload& message,
+                        const rng_key& stream) {
+    const std::size_t n = gradient.size();
     message.dimension = n;
     message.indices.resize(n);  // room for every index; the capacity stays after the first step
     std::size_t kept = 0;
@@ -123,28 +176,52 @@ class bernoulli_sparsifier {
     }
   }
 
+  // The same coins (bernoulli(stream, flat index, p)) drawn by the policy's
+  // select_if into device scratch, the values gathered there, then both
+  // copied into the host message.
   template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    constexpr std::string_view where = "gcomp::bernoulli_sparsifier::decompress_add";
-    detail::check_sparse_addend(where, message, out.size());
-    if (per_layer_) layout_.check_buffer(where, "out", out.size());
-    T* o = out.data();
-    const Index* idx = message.indices.data();
-    const T* v = message.data.data();
-    for_each_index(policy, message.size(), [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+  void compress_on_device(const Policy& policy, std::span<const T> gradient, payload& message,
+                          const rng_key& stream, std::string_view where) {
+    const std::size_t n = gradient.size();
+    device_.indices.resize(policy, n, where);
+    Index* idx = device_.indices.data();
+    auto select_on_device = [&](std::size_t at, std::size_t offset, std::size_t size, float p) {
+      const std::size_t count = select_if(policy, size, detail::bernoulli_coin{stream, offset, p},
+                                          std::span<Index>(idx + at, n - at));
+      if (offset != 0 && count != 0)
+        for_each_index(policy, count, detail::shift_entry<Index>{idx + at, static_cast<Index>(offset)});
+      return count;
+    };
+    std::size_t kept = 0;
+    if (!per_layer_) {
+      kept = select_on_device(0, 0, n, probabilities_[0]);
+    } else {
+      for (std::size_t d : order_) {
+        counts_[d] = select_on_device(kept, layout_[d].offset, layout_[d].size, probabilities_[d]);
+        kept += counts_[d];
+      }
+    }
+    device_.values.resize(policy, kept, where);
+    std::size_t at = 0;
+    auto gather = [&](std::size_t count, float p) {
+      const T s = static_cast<T>(1.0 / effective(p));
+      if (count != 0)
+        for_each_index(policy, count,
+                       detail::gather_entry<T, Index, true>{gradient.data(), idx + at, device_.values.data() + at, s});
+      at += count;
+    };
+    if (!per_layer_) {
+      gather(kept, probabilities_[0]);
+    } else {
+      for (std::size_t d : order_) gather(counts_[d], probabilities_[d]);
+    }
+    message.dimension = n;
+    message.indices.resize(kept);
+    message.data.resize(kept);
+    copy_to_host(policy, std::span<const Index>(idx, kept), std::span<Index>(message.indices));
+    copy_to_host(policy, std::span<const T>(device_.values.data(), kept), std::span<T>(message.data));
   }
 
-  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
-
-  /// Expected bits per element (the kept count is random).
-  double bits_per_element(std::size_t n) const {
-    if (n == 0) return 0.0;
-    const double bytes = static_cast<double>(wire::header_bytes + 8) +
-                         expected_kept(n) * static_cast<double>(sizeof(Index) + sizeof(T));
-    return 8.0 * bytes / static_cast<double>(n);
-  }
-
- private:
   static float checked(std::string_view where, std::string_view name, double p) {
     if (!(p > 0.0 && p <= 1.0)) fail(where, name, " must be in (0, 1], got ", p);
     const float f = static_cast<float>(p);
@@ -178,6 +255,9 @@ class bernoulli_sparsifier {
   std::vector<float> probabilities_;  // one, or one per layer
   std::vector<std::size_t> order_;    // layers by offset
   std::vector<std::size_t> counts_;   // kept per layer in the last compress()
+  // Device scratch (cuda_par, thrust_device): the selected indices and
+  // gathered values, and decompress_add's upload.
+  mutable detail::sparse_device_buffers<T, Index> device_;
 };
 
 }  // namespace gcomp

@@ -11,14 +11,75 @@
 #include <string_view>
 #include <vector>
 
+#include "gcomp/compress/detail/quant_device.hpp"
 #include "gcomp/compress/detail/quant_kernels.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/quantized_payload.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
+
+namespace detail {
+
+/// round(x), halves away from zero, on both sides (an exact operation).
+GCOMP_HD inline double grid_round_half_away(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::round(x);
+#else
+  return std::round(x);
+#endif
+}
+
+/// grid_round's code of one value under a device policy: the level
+/// round(v / Delta) as b-bit two's complement (device functors of
+/// quant_device.hpp; validity is checked by grid_valid before packing).
+template <class T>
+struct grid_bucket_coder {
+  double spacing;
+  std::uint32_t mask;
+  GCOMP_HD std::uint32_t operator()(T v, std::uint32_t) const {
+    const double level = grid_round_half_away(static_cast<double>(v) / spacing);
+    return static_cast<std::uint32_t>(static_cast<std::int32_t>(level)) & mask;
+  }
+};
+template <class T>
+struct grid_coder {
+  grid_bucket_coder<T> code;
+  GCOMP_HD grid_bucket_coder<T> for_scale(T) const { return code; }
+};
+
+/// Whether v's level lies in [lo, hi] (false for NaN and infinities).
+template <class T>
+struct grid_valid {
+  double spacing, lo, hi;
+  GCOMP_HD bool operator()(T v) const {
+    const double level = grid_round_half_away(static_cast<double>(v) / spacing);
+    return level >= lo && level <= hi;
+  }
+};
+
+/// out + scale * T(level * Delta), the host loop's expression, unfused.
+template <class T>
+struct grid_bucket_decoder {
+  double spacing;
+  std::int32_t half;
+  T scale;
+  GCOMP_HD T operator()(T out, std::uint32_t code) const {
+    const std::int32_t level = (static_cast<std::int32_t>(code) ^ half) - half;
+    return add_unfused(out, mul_unfused(scale, static_cast<T>(mul_unfused(static_cast<double>(level), spacing))));
+  }
+};
+template <class T>
+struct grid_decoder {
+  double spacing;
+  std::int32_t half;
+  GCOMP_HD grid_bucket_decoder<T> for_scale(T, T scale) const { return {spacing, half, scale}; }
+};
+
+}  // namespace detail
 
 struct grid_round_options {
   double spacing = 0.0;  // Delta > 0, the grid step (rounded to T once, in the constructor)
@@ -79,8 +140,79 @@ class grid_round {
     const double spacing = static_cast<double>(spacing_);
     const double lo = lowest_level(), hi = highest_level();
     const std::uint32_t mask = (std::uint32_t{1} << b) - 1;
-    detail::resize_words(words_, quantized::word_count(n, b));
-    std::uint64_t* words = words_.data();
+    if constexpr (!host_policy<Policy>) {
+      // Device memory: one min-index reduction finds the first value off the
+      // code range, then one thread per word packs (quant_device.hpp).
+      const std::size_t bad = detail::quant_device_compress_unscaled(
+          policy, gradient, b, rng_key{}, detail::grid_coder<T>{{spacing, mask}},
+          detail::grid_valid<T>{spacing, lo, hi}, device_, words_, where);
+      if (bad != n) {
+        T value{};
+        copy_to_host(policy, std::span<const T>(g + bad, 1), std::span<T>(&value, 1));
+        throw_off_grid(where, bad, static_cast<double>(value));
+      }
+    } else {
+      compress_on_host(policy, g, n, words_);
+    }
+    message.dimension = n;
+    message.bits = static_cast<std::uint8_t>(b);
+    message.bucket = 0;
+    message.scales.assign(1, spacing_);
+    message.words.swap(words_);
+  }
+
+  /// out += scale * Q(v). The message must carry this compressor's width and
+  /// spacing: a grid of another spacing decodes to other values.
+  template <class Policy>
+  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
+    constexpr std::string_view where = "gcomp::grid_round::decompress_add";
+    const std::size_t n = out.size();
+    const unsigned b = options_.bits;
+    detail::check_quant_message(where, message, n, b, 0, 1);
+    if (message.scales[0] != spacing_)
+      fail(where, "message.scales[0] = ", message.scales[0], " but this compressor's spacing is ",
+           spacing_);
+    const double spacing = static_cast<double>(spacing_);
+    const std::int32_t half = std::int32_t{1} << (b - 1);
+    if constexpr (!host_policy<Policy>) {
+      detail::quant_device_decompress_add(policy, message, out, scale, 0, b,
+                                          detail::grid_decoder<T>{spacing, half}, device_, where);
+      return;
+    } else {
+      decompress_on_host(policy, message, out, scale);
+    }
+  }
+
+  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
+
+  /// Exactly 8 * encoded_size / n: header, bits, bucket, scale count, one scale, the codes.
+  double bits_per_element(std::size_t n) const {
+    if (n == 0) return 0.0;
+    const std::size_t bytes =
+        wire::header_bytes + 1 + 8 + 8 + sizeof(T) + wire::packed_bytes(n, options_.bits);
+    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
+  }
+
+  const grid_round_options& options() const { return options_; }
+
+ private:
+  [[noreturn]] void throw_off_grid(std::string_view where, std::size_t i, double v) const {
+    if (!std::isfinite(v)) detail::fail_not_finite(where, i, v);
+    const double level = std::round(v / static_cast<double>(spacing_));
+    fail(where, "gradient[", i, "] = ", v, " rounds to grid level ", level, ", outside the ",
+         options_.bits, "-bit code range [", static_cast<double>(lowest_level()), ", ",
+         static_cast<double>(highest_level()), "] of spacing ", static_cast<double>(spacing_));
+  }
+
+  template <class Policy>
+  void compress_on_host(const Policy& policy, const T* g, std::size_t n, std::vector<std::uint64_t>& words_out) {
+    constexpr std::string_view where = "gcomp::grid_round::compress";
+    const unsigned b = options_.bits;
+    const double spacing = static_cast<double>(spacing_);
+    const double lo = lowest_level(), hi = highest_level();
+    const std::uint32_t mask = (std::uint32_t{1} << b) - 1;
+    detail::resize_words(words_out, quantized::word_count(n, b));
+    std::uint64_t* words = words_out.data();
     std::atomic<bool> all_fit{true};
     const std::size_t groups = (n + detail::quant_group - 1) / detail::quant_group;
     detail::with_code_bits(b, [&](auto width) {
@@ -105,31 +237,16 @@ class grid_round {
     if (!all_fit.load()) {
       for (std::size_t i = 0; i < n; ++i) {
         const double v = static_cast<double>(g[i]);
-        if (!std::isfinite(v)) detail::fail_not_finite(where, i, v);
         const double level = std::round(v / spacing);
-        if (!(level >= lo && level <= hi))
-          fail(where, "gradient[", i, "] = ", v, " rounds to grid level ", level,
-               ", outside the ", b, "-bit code range [", lo, ", ", hi, "] of spacing ", spacing);
+        if (!std::isfinite(v) || !(level >= lo && level <= hi)) throw_off_grid(where, i, v);
       }
     }
-    message.dimension = n;
-    message.bits = static_cast<std::uint8_t>(b);
-    message.bucket = 0;
-    message.scales.assign(1, spacing_);
-    message.words.swap(words_);
   }
 
-  /// out += scale * Q(v). The message must carry this compressor's width and
-  /// spacing: a grid of another spacing decodes to other values.
   template <class Policy>
-  void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    constexpr std::string_view where = "gcomp::grid_round::decompress_add";
+  void decompress_on_host(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
     const std::size_t n = out.size();
     const unsigned b = options_.bits;
-    detail::check_quant_message(where, message, n, b, 0, 1);
-    if (message.scales[0] != spacing_)
-      fail(where, "message.scales[0] = ", message.scales[0], " but this compressor's spacing is ",
-           spacing_);
     const double spacing = static_cast<double>(spacing_);
     const std::int32_t half = std::int32_t{1} << (b - 1);
     T* o = out.data();
@@ -144,22 +261,12 @@ class grid_round {
                          });
   }
 
-  std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }
-
-  /// Exactly 8 * encoded_size / n: header, bits, bucket, scale count, one scale, the codes.
-  double bits_per_element(std::size_t n) const {
-    if (n == 0) return 0.0;
-    const std::size_t bytes =
-        wire::header_bytes + 1 + 8 + 8 + sizeof(T) + wire::packed_bytes(n, options_.bits);
-    return 8.0 * static_cast<double>(bytes) / static_cast<double>(n);
-  }
-
-  const grid_round_options& options() const { return options_; }
-
- private:
   grid_round_options options_;
   T spacing_ = T(0);
   std::vector<std::uint64_t> words_;  // scratch, swapped with the message's words
+  // Device scratch under cuda_par / thrust_device (quant_device.hpp);
+  // decompress_add uploads the message there.
+  mutable detail::quant_device_buffers<T> device_;
 };
 
 }  // namespace gcomp

@@ -247,7 +247,7 @@ class powersgd {
       const T* v = device_values_.data() + at;
       T* o = out.data() + k.offset;
       if (r == 0) {
-        for_each_index(policy, rows * cols, detail::lowrank_add_dense_entry<T>{v, o, scale});
+        for_each_index(policy, rows * cols, detail::add_scaled_entry<T>{v, o, scale});
         at += rows * cols;
       } else {
         for_each_index(policy, rows * cols,

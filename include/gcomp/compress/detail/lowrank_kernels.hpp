@@ -175,13 +175,4 @@ struct lowrank_add_product_entry {
   }
 };
 
-/// out[t] += scale * v[t]: a block sent as it is.
-template <class T>
-struct lowrank_add_dense_entry {
-  const T* v;
-  T* out;
-  T scale;
-  GCOMP_HD void operator()(std::size_t t) const { out[t] = add_unfused(out[t], mul_unfused(scale, v[t])); }
-};
-
 }  // namespace gcomp::detail

@@ -82,6 +82,14 @@ struct gather_entry {
   }
 };
 
+/// idx[j] += shift: a layer's selected positions made global.
+template <class Index>
+struct shift_entry {
+  Index* idx;
+  Index shift;
+  GCOMP_HD void operator()(std::size_t j) const { idx[j] += shift; }
+};
+
 /// values[j] = g[indices[j]] (times s when Scaled) for host `indices`, all
 /// below g.size(), and host `values` of the same size; g lives in the
 /// policy's memory. The indices are uploaded, gathered on the device and the

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 
 #include "gcomp/core/config.hpp"
 
@@ -74,5 +75,16 @@ GCOMP_HD inline double magnitude(double v) {
   return std::fabs(v);
 #endif
 }
+
+/// out[t] = out[t] + scale * v[t], the product rounded before the sum: the
+/// decompress_add of a dense message (identity, dense PowerSGD blocks) as a
+/// kernel functor, bitwise the host's `out[t] += scale * v[t]`.
+template <class T>
+struct add_scaled_entry {
+  const T* v;
+  T* out;
+  T scale;
+  GCOMP_HD void operator()(std::size_t t) const { out[t] = add_unfused(out[t], mul_unfused(scale, v[t])); }
+};
 
 }  // namespace gcomp::detail
