@@ -69,10 +69,11 @@ void check_cases_of(const Policy& policy) {
     // A block that wraps around the end for most keys, scaled and not.
     check_one(policy, gcomp::random_contiguous_block<T>({.ratio = 0.3}), g, key);
     check_one(policy, gcomp::random_contiguous_block<T, gcomp::rescale::none>({.k = n}), g, key);
-    if constexpr (gcomp::policy_traits<Policy>::host_memory) {
-      check_one(policy, gcomp::hard_threshold<T, Index>(T(1.2)), g, key);
+    check_one(policy, gcomp::hard_threshold<T, Index>(T(1.2)), g, key);
+    check_one(policy, gcomp::hard_threshold<T, Index>(T(1.5)), g, key);  // ties at tau (exactly 1.5)
+    check_one(policy, gcomp::hard_threshold<T, Index>(T(100)), g, key);  // nothing kept
+    if constexpr (gcomp::policy_traits<Policy>::host_memory)
       check_one(policy, gcomp::sampled_topk<T, Index>({.ratio = 0.01}), g, key);
-    }
   }
   // Heavy ties: every magnitude equal, so the lowest indices must win.
   std::vector<T> ties(5000, T(2));
@@ -217,6 +218,7 @@ void check_sparse_errors(const Policy& policy) {
   check_compress_error(policy, gcomp::topk<float>({.k = 5000}), g, "gradient[1234]");
   g[1234] = 0.5f;
   check_compress_error(policy, gcomp::topk<float>({.k = 50}), g, "gradient[4000]");
+  check_compress_error(policy, gcomp::hard_threshold<float>(0.5f), g, "gradient[4000]");
   // Per layer: the NaN sits in the last layer visited (offset 1000), after
   // the other layers were selected.
   std::vector<float> lg = sample_gradient<float>(2500, 9);

@@ -18,11 +18,12 @@ using namespace gcomp_test::sparse_sameness;
 static_assert(gcomp::compressor<gcomp::topk<float>, gcomp::cuda_par>);
 static_assert(gcomp::compressor<gcomp::topk<double, std::uint64_t>, gcomp::cuda_par, double>);
 static_assert(gcomp::compressor<gcomp::randomk<float>, gcomp::cuda_par>);
+static_assert(gcomp::compressor<gcomp::hard_threshold<float>, gcomp::cuda_par>);
 static_assert(gcomp::detail::device_topk<gcomp::cuda_par>::value);
 
 }  // namespace
 
-TEST_CASE("topk and randomk under cuda_par equal host_seq bitwise") {
+TEST_CASE("sparse and dense compressors under cuda_par equal host_seq bitwise") {
   stream_holder s;
   check_sparse_cases(gcomp::cuda_par{s.stream});
 }

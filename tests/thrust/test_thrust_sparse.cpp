@@ -17,7 +17,7 @@ static_assert(gcomp::compressor<gcomp::hard_threshold<float>, gcomp::thrust_devi
 
 }  // namespace
 
-TEST_CASE("topk, randomk and threshold top-k under thrust_device equal host_seq bitwise") {
+TEST_CASE("sparse and dense compressors under thrust_device equal host_seq bitwise") {
   check_sparse_cases(gcomp::thrust_device{});
 }
 

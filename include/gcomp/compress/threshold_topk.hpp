@@ -15,15 +15,28 @@
 #include "gcomp/compress/detail/count.hpp"
 #include "gcomp/compress/detail/select.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/core/nonfinite.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/sparse_payload.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 #include "gcomp/exec/policy.hpp"
 
 namespace gcomp {
 
 namespace detail {
+
+/// |g[i]| >= tau (device select_if predicate; for finite g it is the host's
+/// key(g) >= key(tau)).
+template <class T>
+struct magnitude_at_least {
+  const T* g;
+  T tau;
+  GCOMP_HD bool operator()(std::size_t i) const { return magnitude(g[i]) >= tau; }
+};
 
 inline void check_threshold_index_range(std::string_view where, std::size_t n) {
   // One selection handles up to 2^32 elements (detail/select.hpp).
@@ -62,15 +75,16 @@ class hard_threshold {
     check_positive("gcomp::hard_threshold", "tau", tau);
   }
 
+  /// Under a device policy (cuda_par, thrust_device) the gradient is device
+  /// memory: a min-index reduction finds the first non-finite element (the
+  /// host's error), the policy's select_if keeps |g_i| >= tau in index order,
+  /// and the values are gathered there; the message is the host's, bit for bit.
   template <class Policy>
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
-    static_assert(policy_traits<Policy>::host_memory,
-                  "gcomp::hard_threshold::compress selects on the host: it takes host_seq, host_par or "
-                  "thrust_device on Thrust's OpenMP system, not device memory (under cuda_par use gcomp::topk)");
     if constexpr (host_policy<Policy>)
       compress_host(policy, gradient, message, key);
-    else  // host-readable memory (thrust_device on OpenMP): the host selection
-      compress_host(host_seq{}, gradient, message, key);
+    else
+      compress_on_device(policy, gradient, message);
   }
 
   template <class Policy>
@@ -93,6 +107,34 @@ class hard_threshold {
 
  private:
   template <class Policy>
+  void compress_on_device(const Policy& policy, std::span<const T> gradient, payload& message) {
+    constexpr std::string_view where = "gcomp::hard_threshold::compress";
+    const std::size_t n = gradient.size();
+    detail::check_threshold_index_type<Index>(where, n);
+    const std::size_t bad = first_nonfinite(policy, gradient);
+    if (bad != n) {
+      T value{};
+      copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
+      fail(where, "gradient[", bad, "] = ", value,
+           " is not finite; top-k and threshold selection need finite values");
+    }
+    device_.indices.resize(policy, n, where);
+    Index* idx = device_.indices.data();
+    const std::size_t count =
+        select_if(policy, n, detail::magnitude_at_least<T>{gradient.data(), tau_}, std::span<Index>(idx, n));
+    device_.values.resize(policy, count, where);
+    if (count != 0)
+      for_each_index(policy, count,
+                     detail::gather_entry<T, Index, false>{gradient.data(), idx, device_.values.data(), T(1)});
+    message.dimension = n;
+    message.indices.resize(count);
+    message.data.resize(count);
+    copy_to_host(policy, std::span<const Index>(idx, count), std::span<Index>(message.indices));
+    copy_to_host(policy, std::span<const T>(device_.values.data(), count), std::span<T>(message.data));
+    last_fraction_ = n == 0 ? 0.0 : static_cast<double>(count) / static_cast<double>(n);
+  }
+
+  template <class Policy>
   void compress_host(const Policy& policy, std::span<const T> gradient, payload& message, rng_key) {
     constexpr std::string_view where = "gcomp::hard_threshold::compress";
     const std::size_t n = gradient.size();
@@ -109,7 +151,8 @@ class hard_threshold {
   }
 
   T tau_;
-  mutable detail::sparse_device_buffers<T, Index> device_;  // decompress_add's upload under a device policy
+  // Device scratch: compress's selection and values, decompress_add's upload.
+  mutable detail::sparse_device_buffers<T, Index> device_;
   double last_fraction_ = 0.0;
   detail::magnitude_selector<T> selector_;
 };
