@@ -37,12 +37,11 @@
 #include <utility>
 #include <vector>
 
-#include "error_text.hpp"
+#include "device_sameness.hpp"
 
 namespace gcomp_test::sign_sameness {
 
-using gcomp_test::message_of;  // error_text.hpp
-using gcomp_test::no_error;
+using namespace gcomp_test::device_sameness;
 
 // Values every compressor here accepts (|x| < 65504, so float16 too), with the
 // shapes the code paths care about: exact zeros, negative zeros, subnormals of
@@ -64,66 +63,6 @@ std::vector<T> sample_gradient(std::size_t n, unsigned seed) {
   for (std::size_t i = n / 3; i < n / 3 + 200 && i < n; ++i) g[i] = static_cast<T>(0.5 + double(i % 3));  // all >= 0
   for (std::size_t i = n / 2; i < n / 2 + 100 && i < n; ++i) g[i] = static_cast<T>(-0.25 - double(i % 3));  // all < 0
   return g;
-}
-
-template <class T>
-bool same_bytes(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
-}
-
-template <class T, class Policy>
-std::vector<T> read_back(const Policy& policy, std::span<const T> device) {
-  std::vector<T> host(device.size());
-  gcomp::copy_to_host(policy, device, std::span<T>(host));
-  return host;
-}
-
-template <class T>
-void check_same_payload(const gcomp::quantized_payload<T>& host, const gcomp::quantized_payload<T>& device) {
-  CHECK(host.dimension == device.dimension);
-  CHECK(unsigned(host.bits) == unsigned(device.bits));
-  CHECK(host.bucket == device.bucket);
-  CHECK(same_bytes(host.scales, device.scales));
-  CHECK(same_bytes(host.words, device.words));
-}
-
-template <class H>
-void check_same_payload(const gcomp::dense_payload<H>& host, const gcomp::dense_payload<H>& device) {
-  CHECK(same_bytes(host.data, device.data));
-}
-
-// One compressor on one gradient: compress under host_seq and under `policy`
-// (then again on -g with the same objects, so reused scratch is exercised),
-// then decompress_add of the host payload into the same base under both.
-template <class C, class Policy>
-void check_one(const Policy& policy, const C& prototype, const std::vector<typename C::value_type>& g) {
-  using T = typename C::value_type;
-  const gcomp::rng_key key{2024, 7, 3};
-  C host = prototype;
-  C device = prototype;
-  typename C::payload on_host, on_device;
-  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
-  gcomp::policy_buffer<T> g_device;
-  g_device.assign_from_host(policy, std::span<const T>(g));
-  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
-  check_same_payload(on_host, on_device);
-  std::vector<T> minus(g.size());
-  for (std::size_t i = 0; i < g.size(); ++i) minus[i] = -g[i];
-  host.compress(gcomp::host_seq{}, std::span<const T>(minus), on_host, key);
-  g_device.assign_from_host(policy, std::span<const T>(minus));
-  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
-  check_same_payload(on_host, on_device);
-
-  std::vector<T> base(g.size());
-  for (std::size_t i = 0; i < base.size(); ++i) base[i] = static_cast<T>(0.25 * std::sin(double(i)));
-  for (const T scale : {T(0.75), T(-1)}) {
-    std::vector<T> out_host = base;
-    host.decompress_add(gcomp::host_seq{}, on_host, std::span<T>(out_host), scale);
-    gcomp::policy_buffer<T> out_device;
-    out_device.assign_from_host(policy, std::span<const T>(base));
-    device.decompress_add(policy, on_host, out_device.span(), scale);
-    CHECK(same_bytes(out_host, read_back(policy, std::span<const T>(out_device.span()))));
-  }
 }
 
 // Layouts over n elements: two layers, several (one of a single element, one
@@ -218,57 +157,6 @@ template <class Policy>
 void check_cast_cases(const Policy& policy) {
   SUBCASE("float") { check_cast_cases_of<float>(policy); }
   SUBCASE("double") { check_cast_cases_of<double>(policy); }
-}
-
-// compress of g must throw the host's error under both policies and leave the
-// device's message as it was.
-template <class C, class Policy>
-void check_compress_error(const Policy& policy, C c, const std::vector<typename C::value_type>& g,
-                          const std::string& expected_part) {
-  using T = typename C::value_type;
-  const gcomp::rng_key key{5, 1, 0};
-  typename C::payload host_message, device_message, before;
-  // A valid earlier message (when g's size allows one), which a failed
-  // compress must leave alone.
-  const std::vector<T> ok(g.size(), T(0.5));
-  message_of([&] { c.compress(gcomp::host_seq{}, std::span<const T>(ok), before, key); });
-  device_message = before;
-  C host = c;
-  const std::string host_error =
-      message_of([&] { host.compress(gcomp::host_seq{}, std::span<const T>(g), host_message, key); });
-  gcomp::policy_buffer<T> g_device;
-  g_device.assign_from_host(policy, std::span<const T>(g));
-  const std::string device_error = message_of(
-      [&] { c.compress(policy, std::span<const T>(g_device.span()), device_message, key); });
-  CAPTURE(host_error);
-  CHECK(host_error.find(expected_part) != std::string::npos);
-  CHECK(device_error == host_error);
-  check_same_payload(before, device_message);
-  // The gradient is only read.
-  CHECK(same_bytes(g, read_back(policy, std::span<const T>(g_device.span()))));
-}
-
-// decompress_add of `message` into an n-element out must throw the host's
-// error under both policies and leave out as it was.
-template <class C, class Policy>
-void check_decompress_error(const Policy& policy, const C& c, const typename C::payload& message,
-                            std::size_t n, const std::string& expected_part) {
-  using T = typename C::value_type;
-  std::vector<T> base(n);
-  for (std::size_t i = 0; i < n; ++i) base[i] = static_cast<T>(1.0 + double(i % 5));
-  std::vector<T> host_out = base;
-  const std::string host_error = message_of(
-      [&] { c.decompress_add(gcomp::host_seq{}, message, std::span<T>(host_out), T(1)); });
-  gcomp::policy_buffer<T> out;
-  out.assign_from_host(policy, std::span<const T>(base));
-  const std::string device_error =
-      message_of([&] { c.decompress_add(policy, message, out.span(), T(1)); });
-  CAPTURE(host_error);
-  CHECK(host_error != no_error);
-  CHECK(host_error.find(expected_part) != std::string::npos);
-  CHECK(device_error == host_error);
-  CHECK(same_bytes(base, host_out));
-  CHECK(same_bytes(base, read_back(policy, std::span<const T>(out.span()))));
 }
 
 template <class T, class Policy>
@@ -405,31 +293,16 @@ void check_cast_errors(const Policy& policy) {
   SUBCASE("double") { check_cast_errors_of<double>(policy); }
 }
 
-// error_feedback around C stepped under host_seq and under `policy` on the
-// same gradients: every payload and the residual after every step bitwise
-// equal.
-template <class W, class Policy>
-void check_wrapper(const Policy& policy, const W& prototype, std::size_t n, int steps) {
-  using T = typename W::value_type;
-  W host = prototype;
-  W device = prototype;
-  typename W::payload on_host, on_device;
-  gcomp::policy_buffer<T> g_device;
-  for (int t = 0; t < steps; ++t) {
-    CAPTURE(t);
-    std::vector<T> g = sample_gradient<T>(n, 100 + static_cast<unsigned>(t));
-    for (T& x : g)  // room for the residual below float16's overflow
+// sample_gradient with room for the residual below float16's overflow: the
+// gradient source of check_wrapper.
+template <class T>
+auto sampled_for_feedback() {
+  return [](std::size_t n, unsigned seed) {
+    std::vector<T> g = sample_gradient<T>(n, seed);
+    for (T& x : g)
       if (std::fabs(x) > T(60000)) x = x / T(4);
-    const gcomp::rng_key key{77, static_cast<std::uint64_t>(t), 1};
-    host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
-    g_device.assign_from_host(policy, std::span<const T>(g));
-    device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
-    check_same_payload(on_host, on_device);
-    const std::span<const T> e = host.residual();
-    CHECK(same_bytes(std::vector<T>(e.begin(), e.end()), read_back(policy, std::as_const(device).residual())));
-  }
-  device.reset(policy);
-  CHECK(same_bytes(std::vector<T>(n, T(0)), read_back(policy, std::as_const(device).residual())));
+    return g;
+  };
 }
 
 /// error_feedback<sign>, error_feedback<onebit> (per layer) and
@@ -437,12 +310,12 @@ void check_wrapper(const Policy& policy, const W& prototype, std::size_t n, int 
 /// bitwise equal to host_seq step by step.
 template <class Policy>
 void check_sign_wrapper_cases(const Policy& policy) {
-  check_wrapper(policy, gcomp::error_feedback<gcomp::sign<float>>(), 5000, 5);
+  check_wrapper(policy, gcomp::error_feedback<gcomp::sign<float>>(), 5000, 5, sampled_for_feedback<float>());
   check_wrapper(policy, gcomp::error_feedback<gcomp::sign<double>>(gcomp::sign<double>(gcomp::layout{1000, 3100})),
-                4100, 4);
+                4100, 4, sampled_for_feedback<double>());
   check_wrapper(policy, gcomp::error_feedback<gcomp::onebit<float>>(gcomp::onebit<float>(gcomp::layout{70, 4500, 30})),
-                4600, 5);
-  check_wrapper(policy, gcomp::error_feedback<gcomp::fp16_cast<float>>(), 777, 4);
+                4600, 5, sampled_for_feedback<float>());
+  check_wrapper(policy, gcomp::error_feedback<gcomp::fp16_cast<float>>(), 777, 4, sampled_for_feedback<float>());
 }
 
 }  // namespace gcomp_test::sign_sameness

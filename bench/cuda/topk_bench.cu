@@ -5,6 +5,8 @@
 #include <gcomp/compress/topk.hpp>
 #include <gcomp/exec/cuda.cuh>
 
+#include "bench_support.cuh"
+
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -17,11 +19,7 @@
 
 namespace {
 
-bool check(cudaError_t status, benchmark::State& state, const char* what) {
-  if (status == cudaSuccess) return true;
-  state.SkipWithError((std::string(what) + ": " + cudaGetErrorString(status)).c_str());
-  return false;
-}
+using gcomp_bench::check;
 
 // The reference: every byte of g read once (float4 loads, grid-stride), a
 // block sum and one atomic per block, so the compiler cannot drop the loads.

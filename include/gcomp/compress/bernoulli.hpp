@@ -120,14 +120,7 @@ class bernoulli_sparsifier {
     constexpr std::string_view where = "gcomp::bernoulli_sparsifier::decompress_add";
     detail::check_sparse_addend(where, message, out.size());
     if (per_layer_) layout_.check_buffer(where, "out", out.size());
-    if constexpr (!host_policy<Policy>) {
-      detail::sparse_device_scatter_add(policy, message, out, scale, device_, where);
-    } else {
-      T* o = out.data();
-      const Index* idx = message.indices.data();
-      const T* v = message.data.data();
-      for_each_index(policy, message.size(), [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
-    }
+    detail::sparse_scatter_add(policy, message, out, scale, device_, where);
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }

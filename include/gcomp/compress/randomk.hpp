@@ -134,15 +134,7 @@ class randomk {
     if (message.size() != k)
       fail(where, "message has ", message.size(), " values but this random-k keeps ", k, " of ",
            out.size());
-    if constexpr (!host_policy<Policy>) {
-      detail::sparse_device_scatter_add(policy, message, out, scale, device_, where);
-    } else {
-      T* o = out.data();
-      const Index* idx = message.indices.data();
-      const T* v = message.data.data();
-      // Indices are distinct, so the scattered adds never collide.
-      for_each_index(policy, k, [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
-    }
+    detail::sparse_scatter_add(policy, message, out, scale, device_, where);
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }

@@ -40,31 +40,31 @@ void check_sparse_addend(std::string_view where, const sparse_payload<T, Index>&
          " is out of range for size ", n);
 }
 
-/// out[indices[j]] += scale * data[j] for every j, after check_sparse_addend.
+/// out[indices[j]] += scale * data[j] for every j of a message the caller
+/// has checked (check_sparse_addend: distinct indices, so the adds never
+/// collide). Host policies add in place; a device policy (cuda_par,
+/// thrust_device) uploads the message into `device` and adds there (out is
+/// then the policy's memory).
 template <class Policy, class T, class Index>
-void checked_scatter_add(const Policy& policy, std::string_view where,
-                         const sparse_payload<T, Index>& message, std::span<T> out, T scale) {
-  check_sparse_addend(where, message, out.size());
-  T* o = out.data();
-  const Index* idx = message.indices.data();
-  const T* v = message.data.data();
-  for_each_index(policy, message.indices.size(),
-                 [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+void sparse_scatter_add(const Policy& policy, const sparse_payload<T, Index>& message, std::span<T> out,
+                        T scale, sparse_device_buffers<T, Index>& device, std::string_view where) {
+  if constexpr (host_policy<Policy>) {
+    T* o = out.data();
+    const Index* idx = message.indices.data();
+    const T* v = message.data.data();
+    for_each_index(policy, message.indices.size(), [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+  } else {
+    sparse_device_scatter_add(policy, message, out, scale, device, where);
+  }
 }
 
-/// The same under any policy: host policies add in place; a device policy
-/// (cuda_par, thrust_device) checks the message on the host, then uploads it
-/// into `device` and adds there (out is then the policy's memory).
+/// check_sparse_addend, then sparse_scatter_add.
 template <class Policy, class T, class Index>
 void checked_scatter_add(const Policy& policy, std::string_view where,
                          const sparse_payload<T, Index>& message, std::span<T> out, T scale,
                          sparse_device_buffers<T, Index>& device) {
-  if constexpr (host_policy<Policy>) {
-    checked_scatter_add(policy, where, message, out, scale);
-  } else {
-    check_sparse_addend(where, message, out.size());
-    sparse_device_scatter_add(policy, message, out, scale, device, where);
-  }
+  check_sparse_addend(where, message, out.size());
+  sparse_scatter_add(policy, message, out, scale, device, where);
 }
 
 /// Sets message to dimension n and k entries written by write(indices,
