@@ -61,7 +61,8 @@ struct grid_valid {
   }
 };
 
-/// out + scale * T(level * Delta), the host loop's expression, unfused.
+/// out + scale * T(level * Delta) for a b-bit two's-complement code (flip the
+/// sign bit, then shift down), unfused; decompress_add calls it on both sides.
 template <class T>
 struct grid_bucket_decoder {
   double spacing;
@@ -152,7 +153,36 @@ class grid_round {
         throw_off_grid(where, bad, static_cast<double>(value));
       }
     } else {
-      compress_on_host(policy, g, n, words_);
+      detail::resize_words(words_, quantized::word_count(n, b));
+      std::uint64_t* words = words_.data();
+      std::atomic<bool> all_fit{true};
+      const std::size_t groups = (n + detail::quant_group - 1) / detail::quant_group;
+      detail::with_code_bits(b, [&](auto width) {
+        constexpr unsigned Bits = decltype(width)::value;
+        detail::quant_ranges(policy, groups, detail::quant_group, [&](std::size_t q0, std::size_t q1) {
+          alignas(64) std::uint32_t codes[detail::quant_group];
+          bool fit = true;
+          for (std::size_t q = q0; q < q1; ++q) {
+            const std::size_t first = q * detail::quant_group;
+            const std::size_t count = std::min(detail::quant_group, n - first);
+            for (std::size_t j = 0; j < count; ++j) {
+              const double level = std::round(static_cast<double>(g[first + j]) / spacing);
+              const bool ok = level >= lo && level <= hi;  // false for NaN and infinities
+              fit = fit && ok;
+              codes[j] = ok ? static_cast<std::uint32_t>(static_cast<std::int32_t>(level)) & mask : 0u;
+            }
+            detail::store_group<Bits>(q, count, n, codes, words);
+          }
+          if (!fit) all_fit.store(false, std::memory_order_relaxed);
+        });
+      });
+      if (!all_fit.load()) {
+        for (std::size_t i = 0; i < n; ++i) {
+          const double v = static_cast<double>(g[i]);
+          const double level = std::round(v / spacing);
+          if (!std::isfinite(v) || !(level >= lo && level <= hi)) throw_off_grid(where, i, v);
+        }
+      }
     }
     message.dimension = n;
     message.bits = static_cast<std::uint8_t>(b);
@@ -174,12 +204,16 @@ class grid_round {
            spacing_);
     const double spacing = static_cast<double>(spacing_);
     const std::int32_t half = std::int32_t{1} << (b - 1);
+    const detail::grid_decoder<T> decoder{spacing, half};
     if constexpr (!host_policy<Policy>) {
-      detail::quant_device_decompress_add(policy, message, out, scale, 0, b,
-                                          detail::grid_decoder<T>{spacing, half}, device_, where);
-      return;
+      detail::quant_device_decompress_add(policy, message, out, scale, 0, b, decoder, device_, where);
     } else {
-      decompress_on_host(policy, message, out, scale);
+      T* o = out.data();
+      const auto add = decoder.for_scale(spacing_, scale);
+      detail::quant_unpack(policy, n, b, message.words.data(),
+                           [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
+                             for (std::size_t j = 0; j < count; ++j) o[first + j] = add(o[first + j], codes[j]);
+                           });
     }
   }
 
@@ -202,63 +236,6 @@ class grid_round {
     fail(where, "gradient[", i, "] = ", v, " rounds to grid level ", level, ", outside the ",
          options_.bits, "-bit code range [", static_cast<double>(lowest_level()), ", ",
          static_cast<double>(highest_level()), "] of spacing ", static_cast<double>(spacing_));
-  }
-
-  template <class Policy>
-  void compress_on_host(const Policy& policy, const T* g, std::size_t n, std::vector<std::uint64_t>& words_out) {
-    constexpr std::string_view where = "gcomp::grid_round::compress";
-    const unsigned b = options_.bits;
-    const double spacing = static_cast<double>(spacing_);
-    const double lo = lowest_level(), hi = highest_level();
-    const std::uint32_t mask = (std::uint32_t{1} << b) - 1;
-    detail::resize_words(words_out, quantized::word_count(n, b));
-    std::uint64_t* words = words_out.data();
-    std::atomic<bool> all_fit{true};
-    const std::size_t groups = (n + detail::quant_group - 1) / detail::quant_group;
-    detail::with_code_bits(b, [&](auto width) {
-      constexpr unsigned Bits = decltype(width)::value;
-      detail::quant_ranges(policy, groups, detail::quant_group, [&](std::size_t q0, std::size_t q1) {
-        alignas(64) std::uint32_t codes[detail::quant_group];
-        bool fit = true;
-        for (std::size_t q = q0; q < q1; ++q) {
-          const std::size_t first = q * detail::quant_group;
-          const std::size_t count = std::min(detail::quant_group, n - first);
-          for (std::size_t j = 0; j < count; ++j) {
-            const double level = std::round(static_cast<double>(g[first + j]) / spacing);
-            const bool ok = level >= lo && level <= hi;  // false for NaN and infinities
-            fit = fit && ok;
-            codes[j] = ok ? static_cast<std::uint32_t>(static_cast<std::int32_t>(level)) & mask : 0u;
-          }
-          detail::store_group<Bits>(q, count, n, codes, words);
-        }
-        if (!fit) all_fit.store(false, std::memory_order_relaxed);
-      });
-    });
-    if (!all_fit.load()) {
-      for (std::size_t i = 0; i < n; ++i) {
-        const double v = static_cast<double>(g[i]);
-        const double level = std::round(v / spacing);
-        if (!std::isfinite(v) || !(level >= lo && level <= hi)) throw_off_grid(where, i, v);
-      }
-    }
-  }
-
-  template <class Policy>
-  void decompress_on_host(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
-    const std::size_t n = out.size();
-    const unsigned b = options_.bits;
-    const double spacing = static_cast<double>(spacing_);
-    const std::int32_t half = std::int32_t{1} << (b - 1);
-    T* o = out.data();
-    detail::quant_unpack(policy, n, b, message.words.data(),
-                         [=](std::size_t first, std::size_t count, const std::uint32_t* codes) {
-                           T* at = o + first;
-                           for (std::size_t j = 0; j < count; ++j) {
-                             // Two's complement of b bits: flip the sign bit, then shift down.
-                             const std::int32_t level = (static_cast<std::int32_t>(codes[j]) ^ half) - half;
-                             at[j] += scale * static_cast<T>(static_cast<double>(level) * spacing);
-                           }
-                         });
   }
 
   grid_round_options options_;

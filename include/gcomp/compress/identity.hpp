@@ -42,16 +42,14 @@ struct identity {
                       T scale) const {
     constexpr std::string_view where = "gcomp::identity::decompress_add";
     check_same_size(where, "out", out.size(), "message", message.size());
-    T* o = out.data();
-    if constexpr (host_policy<Policy>) {
-      const T* v = message.data.data();
-      for_each_index(policy, out.size(), [=](std::size_t i) { o[i] += scale * v[i]; });
-    } else {
+    const T* v = message.data.data();
+    if constexpr (!host_policy<Policy>) {
       if (out.empty()) return;
       device_.resize(policy, out.size(), where);
       copy_from_host(policy, std::span<const T>(message.data), device_.span());
-      for_each_index(policy, out.size(), detail::add_scaled_entry<T>{device_.data(), o, scale});
+      v = device_.data();
     }
+    for_each_index(policy, out.size(), detail::add_scaled_entry<T>{v, out.data(), scale});
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }

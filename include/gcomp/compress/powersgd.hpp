@@ -146,10 +146,31 @@ class powersgd {
   void decompress_add(const Policy& policy, const payload& message, std::span<T> out, T scale) const {
     constexpr std::string_view where = "gcomp::powersgd::decompress_add";
     detail::check_lowrank(where, message, out.size());
+    // Under a device policy the message (host) goes up once; the block walk
+    // is the same, with one thread per element adding the host loops' sums.
+    const T* values = message.data.data();
     if constexpr (!host_policy<Policy>) {
-      decompress_add_on_device(policy, message, out, scale);
-    } else {
-      decompress_add_on_host(policy, message, out, scale);
+      if (message.data.empty()) return;
+      device_values_.resize(policy, message.data.size(), where);
+      copy_from_host(policy, std::span<const T>(message.data), device_values_.span());
+      values = device_values_.data();
+    }
+    std::size_t at = 0;
+    for (const block& k : message.blocks) {
+      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
+      const T* v = values + at;
+      T* o = out.data() + k.offset;
+      if (r == 0) {
+        for_each_index(policy, rows * cols, detail::add_scaled_entry<T>{v, o, scale});
+        at += rows * cols;
+        continue;
+      }
+      if constexpr (host_policy<Policy>)
+        detail::lowrank_add_product(policy, v, v + rows * r, rows, cols, r, scale, o);
+      else
+        for_each_index(policy, rows * cols,
+                       detail::lowrank_add_product_entry<T>{v, v + rows * r, o, cols, r, scale});
+      at += r * (rows + cols);
     }
   }
 
@@ -214,82 +235,44 @@ class powersgd {
   }
 
  private:
-  template <class Policy>
-  void decompress_add_on_host(const Policy& policy, const payload& message, std::span<T> out,
-                              T scale) const {
-    std::size_t at = 0;
-    for (const block& k : message.blocks) {
-      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
-      const T* v = message.data.data() + at;
-      T* o = out.data() + k.offset;
-      if (r == 0) {
-        for_each_index(policy, rows * cols, [=](std::size_t i) { o[i] += scale * v[i]; });
-        at += rows * cols;
-      } else {
-        detail::lowrank_add_product(policy, v, v + rows * r, rows, cols, r, scale, o);
-        at += r * (rows + cols);
-      }
-    }
-  }
-
-  // Under a device policy the message (host) goes up once, then one thread
-  // per output element adds the same sums as the host loops.
-  template <class Policy>
-  void decompress_add_on_device(const Policy& policy, const payload& message, std::span<T> out,
-                                T scale) const {
-    constexpr std::string_view where = "gcomp::powersgd::decompress_add";
-    if (message.data.empty()) return;
-    device_values_.resize(policy, message.data.size(), where);
-    copy_from_host(policy, std::span<const T>(message.data), device_values_.span());
-    std::size_t at = 0;
-    for (const block& k : message.blocks) {
-      const std::size_t rows = k.rows, cols = k.cols, r = k.rank;
-      const T* v = device_values_.data() + at;
-      T* o = out.data() + k.offset;
-      if (r == 0) {
-        for_each_index(policy, rows * cols, detail::add_scaled_entry<T>{v, o, scale});
-        at += rows * cols;
-      } else {
-        for_each_index(policy, rows * cols,
-                       detail::lowrank_add_product_entry<T>{v, v + rows * r, o, cols, r, scale});
-        at += r * (rows + cols);
-      }
-    }
-  }
-
   // P = M Q (double, host p) with M in the policy's memory and Q on the host.
   template <class Policy>
   void multiply(const Policy& policy, const T* m, std::size_t rows, std::size_t cols, const T* q,
                 std::size_t r, double* p) {
-    if constexpr (host_policy<Policy>) {
+    if constexpr (host_policy<Policy>)
       detail::lowrank_multiply(policy, m, rows, cols, q, r, p);
-    } else {
-      constexpr std::string_view where = "gcomp::powersgd::compress";
-      device_values_.resize(policy, cols * r, where);
-      device_product_.resize(policy, rows * r, where);
-      copy_from_host(policy, std::span<const T>(q, cols * r), device_values_.span());
-      for_each_index(policy, rows * r,
-                     detail::lowrank_multiply_entry<T>{m, device_values_.data(), device_product_.data(), cols, r});
-      copy_to_host(policy, std::span<const double>(device_product_.data(), rows * r), std::span<double>(p, rows * r));
-    }
+    else
+      product_on_device(policy, std::span<const T>(q, cols * r), std::span<double>(p, rows * r),
+                        [&](const T* q_dev, double* p_dev) {
+                          return detail::lowrank_multiply_entry<T>{m, q_dev, p_dev, cols, r};
+                        });
   }
 
   // Q = M^T P (double, host q) with M in the policy's memory and P on the host.
   template <class Policy>
   void multiply_transposed(const Policy& policy, const T* m, std::size_t rows, std::size_t cols,
                            const T* p, std::size_t r, double* q) {
-    if constexpr (host_policy<Policy>) {
+    if constexpr (host_policy<Policy>)
       detail::lowrank_multiply_transposed(policy, m, rows, cols, p, r, q);
-    } else {
-      constexpr std::string_view where = "gcomp::powersgd::compress";
-      device_values_.resize(policy, rows * r, where);
-      device_product_.resize(policy, cols * r, where);
-      copy_from_host(policy, std::span<const T>(p, rows * r), device_values_.span());
-      for_each_index(policy, cols * r,
-                     detail::lowrank_multiply_transposed_entry<T>{m, device_values_.data(), device_product_.data(),
-                                                                  rows, cols, r});
-      copy_to_host(policy, std::span<const double>(device_product_.data(), cols * r), std::span<double>(q, cols * r));
-    }
+    else
+      product_on_device(policy, std::span<const T>(p, rows * r), std::span<double>(q, cols * r),
+                        [&](const T* p_dev, double* q_dev) {
+                          return detail::lowrank_multiply_transposed_entry<T>{m, p_dev, q_dev, rows, cols, r};
+                        });
+  }
+
+  // A product under a device policy: the host factor goes up, one thread per
+  // entry of the result runs entry_for(factor, result) (device pointers), and
+  // the result comes down into host memory.
+  template <class Policy, class EntryFor>
+  void product_on_device(const Policy& policy, std::span<const T> factor, std::span<double> result,
+                         EntryFor entry_for) {
+    constexpr std::string_view where = "gcomp::powersgd::compress";
+    device_values_.resize(policy, factor.size(), where);
+    device_product_.resize(policy, result.size(), where);
+    copy_from_host(policy, factor, device_values_.span());
+    for_each_index(policy, result.size(), entry_for(device_values_.data(), device_product_.data()));
+    copy_to_host(policy, std::span<const double>(device_product_.data(), result.size()), result);
   }
 
   static std::string warm_start_name(std::size_t b) {

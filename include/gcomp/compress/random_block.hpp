@@ -118,12 +118,11 @@ void decode_support(std::span<const std::byte> bytes, block_payload<T>& into,
   into.data.assign(static_cast<std::size_t>(k), T(0));
 }
 
-/// How many elements random_contiguous_block keeps: exactly one of the two is set.
 namespace detail {
 
-/// d[j] = g[(offset + j) mod n], times s when Scaled: a block's values under a
-/// device policy (a functor, not a lambda: nvcc's extended lambdas cannot
-/// capture inside if constexpr).
+/// d[j] = g[(offset + j) mod n], times s when Scaled: a block's values, on the
+/// host and on the device (a functor, not a lambda: nvcc's extended lambdas
+/// cannot capture inside if constexpr).
 template <class T, bool Scaled>
 struct block_gather {
   const T* g;
@@ -156,6 +155,7 @@ struct block_add {
 
 }  // namespace detail
 
+/// How many elements random_contiguous_block keeps: exactly one of the two is set.
 struct random_contiguous_block_options {
   std::size_t k = 0;   // block length
   double ratio = 0.0;  // block length as a fraction of the gradient, rounded, at least 1
@@ -220,24 +220,15 @@ class random_contiguous_block {
     const T s = Scale == rescale::unbiased && k > 0
                     ? static_cast<T>(static_cast<double>(n) / static_cast<double>(k))
                     : T(1);
-    if constexpr (!host_policy<Policy>) {
+    using gather = detail::block_gather<T, Scale == rescale::unbiased>;
+    if constexpr (host_policy<Policy>) {
+      for_each_index(policy, k, gather{g, v, offset, n, s});
+    } else {
       // Device memory: the block is gathered (and scaled) into device
       // scratch, then copied into the host message.
-      constexpr std::string_view where = "gcomp::random_contiguous_block::compress";
-      device_.resize(policy, k, where);
-      T* d = device_.data();
-      for_each_index(policy, k,
-                     detail::block_gather<T, Scale == rescale::unbiased>{g, d, offset, n, s});
-      copy_to_host(policy, std::span<const T>(d, k), std::span<T>(v, k));
-    } else {
-      for_each_index(policy, k, [=](std::size_t j) {
-        std::size_t i = offset + j;
-        if (i >= n) i -= n;
-        if constexpr (Scale == rescale::unbiased)
-          v[j] = g[i] * s;
-        else
-          v[j] = g[i];
-      });
+      device_.resize(policy, k, "gcomp::random_contiguous_block::compress");
+      for_each_index(policy, k, gather{g, device_.data(), offset, n, s});
+      copy_to_host(policy, std::span<const T>(device_.data(), k), std::span<T>(v, k));
     }
   }
 
@@ -253,22 +244,16 @@ class random_contiguous_block {
            " of ", n);
     if (n == 0 ? message.offset != 0 : message.offset >= n)
       fail(where, "message offset ", message.offset, " is out of range for size ", n);
-    T* o = out.data();
     const T* v = message.data.data();
-    const std::size_t offset = static_cast<std::size_t>(message.offset);
     if constexpr (!host_policy<Policy>) {
       // Device memory: the checked values are uploaded, then added in place.
       if (k == 0) return;
       device_.resize(policy, k, where);
       copy_from_host(policy, std::span<const T>(v, k), device_.span());
-      for_each_index(policy, k, detail::block_add<T>{device_.data(), o, offset, n, scale});
-    } else {
-      for_each_index(policy, k, [=](std::size_t j) {
-        std::size_t i = offset + j;
-        if (i >= n) i -= n;
-        o[i] += scale * v[j];
-      });
+      v = device_.data();
     }
+    for_each_index(policy, k,
+                   detail::block_add<T>{v, out.data(), static_cast<std::size_t>(message.offset), n, scale});
   }
 
   std::size_t wire_bytes(const payload& message) const { return encoded_size(message); }

@@ -115,8 +115,7 @@ class hard_threshold {
     if (bad != n) {
       T value{};
       copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
-      fail(where, "gradient[", bad, "] = ", value,
-           " is not finite; top-k and threshold selection need finite values");
+      detail::fail_selection_nonfinite(where, bad, value);
     }
     device_.indices.resize(policy, n, where);
     Index* idx = device_.indices.data();

@@ -57,6 +57,13 @@
 namespace gcomp::detail {
 
 /// The magnitude key of a float or double: its bits with the sign cleared.
+/// The error of a top-k or threshold selection that met gradient[i] = value,
+/// not finite (the host selection, the GPU top-k and the device threshold).
+template <class T>
+[[noreturn]] void fail_selection_nonfinite(std::string_view where, std::size_t i, T value) {
+  fail(where, "gradient[", i, "] = ", value, " is not finite; top-k and threshold selection need finite values");
+}
+
 template <class T>
 struct magnitude_bits {
   static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -420,8 +427,7 @@ class magnitude_selector {
 
   [[noreturn]] static void fail_nonfinite(std::span<const T> x, std::size_t i, std::size_t offset,
                                           std::string_view where) {
-    fail(where, "gradient[", offset + i, "] = ", x[i],
-         " is not finite; top-k and threshold selection need finite values");
+    fail_selection_nonfinite(where, offset + i, x[i]);
   }
 
   // The sampled shortcut; false when it does not apply or did not succeed.

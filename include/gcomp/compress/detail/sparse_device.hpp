@@ -134,7 +134,6 @@ class opaque_scratch {
     }
     return *static_cast<S*>(held_.get());
   }
-  bool empty() const noexcept { return !held_; }
   void reset() noexcept {
     held_.reset();
     type_ = nullptr;

@@ -63,6 +63,7 @@
 #include <string_view>
 
 #include "gcomp/compress/detail/radix_select.hpp"
+#include "gcomp/compress/detail/select.hpp"
 #include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/exec/cuda.cuh"
@@ -533,8 +534,7 @@ void cuda_topk_finish(cudaStream_t stream, cuda_topk_workspace<T>& ws, std::stri
              where, "cudaMemcpyAsync of the status");
   cuda_check(cudaStreamSynchronize(stream), where, "cudaStreamSynchronize");
   if (status->first_bad != topk_cuda::no_index)
-    fail(where, "gradient[", ws.pending_offset_ + status->first_bad, "] = ", static_cast<T>(status->bad_value),
-         " is not finite; top-k and threshold selection need finite values");
+    fail_selection_nonfinite(where, ws.pending_offset_ + status->first_bad, static_cast<T>(status->bad_value));
 }
 
 template <class T>

@@ -49,10 +49,8 @@ template <class Policy, class T, class Index>
 void sparse_scatter_add(const Policy& policy, const sparse_payload<T, Index>& message, std::span<T> out,
                         T scale, sparse_device_buffers<T, Index>& device, std::string_view where) {
   if constexpr (host_policy<Policy>) {
-    T* o = out.data();
-    const Index* idx = message.indices.data();
-    const T* v = message.data.data();
-    for_each_index(policy, message.indices.size(), [=](std::size_t j) { o[idx[j]] += scale * v[j]; });
+    for_each_index(policy, message.indices.size(),
+                   scatter_add_entry<T, Index>{out.data(), message.indices.data(), message.data.data(), scale});
   } else {
     sparse_device_scatter_add(policy, message, out, scale, device, where);
   }
