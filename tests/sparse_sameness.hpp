@@ -1,7 +1,7 @@
 // Sparse, dense and low-rank sameness: top-k, random-k, Bernoulli, random blocks, chains, identity, PowerSGD and the threshold top-k variants under a device policy give host_seq's payload and decompress_add output bit for bit, and the same errors with nothing written; shared by tests/thrust and tests/cuda.
 //
-// The including test calls check_sparse_cases(policy), check_chain_cases(policy),
-// check_powersgd_cases(policy),
+// The including test calls check_sparse_cases(policy), check_sampled_topk_cases(policy),
+// check_chain_cases(policy), check_powersgd_cases(policy),
 // check_sparse_wrappers(policy) and check_sparse_errors(policy). Under cuda_par, topk::compress is
 // the GPU radix select (compress/detail/topk_cuda.cuh) and every other step the
 // generic device path (compress/detail/sparse_device.hpp); under thrust_device
@@ -49,6 +49,75 @@ inline gcomp::layout sample_layout() {
                                     gcomp::gaps::allowed);
 }
 
+/// sampled_topk on g under host_seq and under `policy`, from fresh objects:
+/// the same message, the same threshold bit for bit, and accepted on both
+/// sides or on neither (trimmed and exact may trade places near the gather
+/// cap; both are the exact top-k). Returns the host's outcome.
+template <class T, class Index, class Policy>
+auto sampled_topk_step(const Policy& policy, const gcomp::sampled_topk_options& options, const std::vector<T>& g,
+                       const gcomp::rng_key& key) {
+  using C = gcomp::sampled_topk<T, Index>;
+  C host(options);
+  C device(options);
+  typename C::payload on_host, on_device;
+  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
+  gcomp::policy_buffer<T> g_device;
+  g_device.assign_from_host(policy, std::span<const T>(g));
+  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
+  check_same_payload(on_host, on_device);
+  CHECK(same_bytes(std::vector<T>{host.last_threshold()}, std::vector<T>{device.last_threshold()}));
+  CHECK((host.last_outcome() == C::outcome::accepted) == (device.last_outcome() == C::outcome::accepted));
+  return host.last_outcome();
+}
+
+/// sampled_topk's three outcomes under a device policy. With n = 20000,
+/// k = 200, a 400-element sample and the default tolerance, the threshold is
+/// the sample's 5th largest magnitude, so the count at or above it is about
+/// 250 +- 110: accepted ([200, 250]), trimmed (above) and exact (below) each
+/// come up in about a quarter to a half of the 40 keys, and the test
+/// requires each at least once so that every device path is compared.
+template <class Policy>
+void check_sampled_topk_cases(const Policy& policy) {
+  using C = gcomp::sampled_topk<float>;
+  const gcomp::sampled_topk_options options{.k = 200, .sample_ratio = 0.02, .min_sample = 256};
+  const std::vector<float> g = sample_gradient<float>(20000, 41);
+  int accepted = 0, trimmed = 0, exact = 0;
+  for (std::uint64_t step = 0; step < 40; ++step) {
+    CAPTURE(step);
+    const auto outcome = sampled_topk_step<float, std::uint32_t>(policy, options, g, gcomp::rng_key{9, step, 1});
+    accepted += outcome == C::outcome::accepted;
+    trimmed += outcome == C::outcome::trimmed;
+    exact += outcome == C::outcome::exact;
+  }
+  CHECK(accepted > 0);
+  CHECK(trimmed > 0);
+  CHECK(exact > 0);
+  // Double values, 64-bit indices, over per-step keys.
+  const std::vector<double> gd = sample_gradient<double>(30001, 42);
+  for (std::uint64_t step = 0; step < 8; ++step)
+    sampled_topk_step<double, std::uint64_t>(policy, {.ratio = 0.005, .min_sample = 128}, gd,
+                                             gcomp::rng_key{3, step, 0});
+  // No tolerance: accepted only at exactly k.
+  for (std::uint64_t step = 0; step < 8; ++step)
+    sampled_topk_step<float, std::uint32_t>(policy, {.k = 100, .tolerance = 0.0}, g, gcomp::rng_key{4, step, 0});
+  // Every magnitude equal: everything reaches the threshold, past the cap,
+  // so the exact top-k keeps the lowest indices.
+  std::vector<float> ties(50000, 2.0f);
+  for (std::size_t i = 0; i < ties.size(); i += 3) ties[i] = -2.0f;
+  CHECK(sampled_topk_step<float, std::uint32_t>(policy, {.ratio = 0.01}, ties, gcomp::rng_key{1, 1, 1}) ==
+        C::outcome::exact);
+  // Mostly zeros, fewer nonzeros than k: the threshold is 0.
+  std::vector<float> sparse(40000, 0.0f);
+  for (std::size_t i = 7; i < sparse.size(); i += 500) sparse[i] = static_cast<float>(i % 7) - 3.0f;
+  sampled_topk_step<float, std::uint32_t>(policy, {.ratio = 0.01}, sparse, gcomp::rng_key{2, 2, 2});
+  // The sample is all of g (n below min_sample): exact; k = 1 and k = n.
+  const std::vector<float> small = sample_gradient<float>(700, 43);
+  for (std::size_t k : {std::size_t{1}, std::size_t{70}, std::size_t{700}})
+    CHECK(sampled_topk_step<float, std::uint32_t>(policy, {.k = k}, small, gcomp::rng_key{5, k, 0}) ==
+          C::outcome::exact);
+  sampled_topk_step<float, std::uint32_t>(policy, {.k = 1, .min_sample = 16}, g, gcomp::rng_key{6, 0, 0});
+}
+
 template <class T, class Index, class Policy>
 void check_cases_of(const Policy& policy) {
   const gcomp::rng_key key{31, 4, 2};
@@ -72,8 +141,7 @@ void check_cases_of(const Policy& policy) {
     check_one(policy, gcomp::hard_threshold<T, Index>(T(1.2)), g, key);
     check_one(policy, gcomp::hard_threshold<T, Index>(T(1.5)), g, key);  // ties at tau (exactly 1.5)
     check_one(policy, gcomp::hard_threshold<T, Index>(T(100)), g, key);  // nothing kept
-    if constexpr (gcomp::policy_traits<Policy>::host_memory)
-      check_one(policy, gcomp::sampled_topk<T, Index>({.ratio = 0.01}), g, key);
+    check_one(policy, gcomp::sampled_topk<T, Index>({.ratio = 0.01}), g, key);
   }
   // Heavy ties: every magnitude equal, so the lowest indices must win.
   std::vector<T> ties(5000, T(2));
@@ -201,6 +269,13 @@ void check_sparse_errors(const Policy& policy) {
   g[1234] = 0.5f;
   check_compress_error(policy, gcomp::topk<float>({.k = 50}), g, "gradient[4000]");
   check_compress_error(policy, gcomp::hard_threshold<float>(0.5f), g, "gradient[4000]");
+  check_compress_error(policy, gcomp::sampled_topk<float>({.ratio = 0.01, .min_sample = 256}), g, "gradient[4000]");
+  check_compress_error(policy, gcomp::sampled_topk<float>({.k = 10}), g, "gradient[4000]");  // s = n: exact
+  g[4999] = inf;
+  g[3] = -nan;
+  check_compress_error(policy, gcomp::sampled_topk<float>({.ratio = 0.01, .min_sample = 256}), g, "gradient[3]");
+  g[3] = 0.25f;
+  g[4999] = 0.25f;
   // Per layer: the NaN sits in the last layer visited (offset 1000), after
   // the other layers were selected.
   std::vector<float> lg = sample_gradient<float>(2500, 9);

@@ -1,4 +1,4 @@
-// Top-k (the GPU radix select), random-k and the threshold top-k's decompress_add under cuda_par: payloads, decompress_add, error-feedback residuals and errors bitwise those of host_seq; exits 77 (skipped) without a GPU.
+// Top-k (the GPU radix select), random-k, hard threshold and sampled top-k under cuda_par: payloads, decompress_add, error-feedback residuals and errors bitwise those of host_seq; exits 77 (skipped) without a GPU.
 #include <doctest/doctest.h>
 
 #include <gcomp/compress/randomk.hpp>
@@ -19,6 +19,8 @@ static_assert(gcomp::compressor<gcomp::topk<float>, gcomp::cuda_par>);
 static_assert(gcomp::compressor<gcomp::topk<double, std::uint64_t>, gcomp::cuda_par, double>);
 static_assert(gcomp::compressor<gcomp::randomk<float>, gcomp::cuda_par>);
 static_assert(gcomp::compressor<gcomp::hard_threshold<float>, gcomp::cuda_par>);
+static_assert(gcomp::compressor<gcomp::sampled_topk<float>, gcomp::cuda_par>);
+static_assert(gcomp::compressor<gcomp::sampled_topk<double, std::uint64_t>, gcomp::cuda_par, double>);
 static_assert(gcomp::detail::device_topk<gcomp::cuda_par>::value);
 
 }  // namespace
@@ -26,6 +28,11 @@ static_assert(gcomp::detail::device_topk<gcomp::cuda_par>::value);
 TEST_CASE("sparse and dense compressors under cuda_par equal host_seq bitwise") {
   stream_holder s;
   check_sparse_cases(gcomp::cuda_par{s.stream});
+}
+
+TEST_CASE("sampled_topk under cuda_par equals host_seq bitwise, on every path") {
+  stream_holder s;
+  check_sampled_topk_cases(gcomp::cuda_par{s.stream});
 }
 
 TEST_CASE("chains of a sparsifier and a quantizer under cuda_par equal host_seq bitwise") {

@@ -14,11 +14,16 @@ using namespace gcomp_test::sparse_sameness;
 static_assert(gcomp::compressor<gcomp::topk<float>, gcomp::thrust_device>);
 static_assert(gcomp::compressor<gcomp::randomk<double>, gcomp::thrust_device, double>);
 static_assert(gcomp::compressor<gcomp::hard_threshold<float>, gcomp::thrust_device>);
+static_assert(gcomp::compressor<gcomp::sampled_topk<float>, gcomp::thrust_device>);
 
 }  // namespace
 
 TEST_CASE("sparse and dense compressors under thrust_device equal host_seq bitwise") {
   check_sparse_cases(gcomp::thrust_device{});
+}
+
+TEST_CASE("sampled_topk under thrust_device equals host_seq bitwise, on every path") {
+  check_sampled_topk_cases(gcomp::thrust_device{});
 }
 
 TEST_CASE("chains of a sparsifier and a quantizer under thrust_device equal host_seq bitwise") {

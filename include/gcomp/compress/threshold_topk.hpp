@@ -14,6 +14,7 @@
 
 #include "gcomp/compress/detail/count.hpp"
 #include "gcomp/compress/detail/select.hpp"
+#include "gcomp/compress/detail/sparse_device.hpp"
 #include "gcomp/compress/detail/topk_sparse.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
@@ -24,6 +25,12 @@
 #include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 #include "gcomp/exec/policy.hpp"
+
+// Under nvcc the GPU top-k comes with the header (as in topk.hpp), so
+// sampled_topk::compress takes cuda_par without another include.
+#if defined(__CUDACC__)
+#include "gcomp/compress/detail/topk_cuda.cuh"
+#endif
 
 namespace gcomp {
 
@@ -53,6 +60,35 @@ void check_threshold_index_type(std::string_view where, std::size_t n) {
 }
 
 inline constexpr std::uint64_t sampled_topk_tag = 0x44474354u;  // "DGCT": the sample's sub-stream
+
+/// The j-th sampled position of an n-element gradient: floor(u * n) with the
+/// 32-bit u drawn at j from the sample's stream, within 2^-32 n of uniform,
+/// plenty for an estimate. Both sides of sampled_topk draw through it.
+GCOMP_HD inline std::uint64_t sampled_position(const rng_key& stream, std::size_t j, std::uint64_t n) {
+  return (static_cast<std::uint64_t>(random_bits(stream, j)) * n) >> 32;
+}
+
+/// out[j] = g[sampled_position(j)]: the device sample (values, not keys).
+template <class T>
+struct sample_entry {
+  const T* g;
+  rng_key stream;
+  std::uint64_t n;
+  T* out;
+  GCOMP_HD void operator()(std::size_t j) const { out[j] = g[sampled_position(stream, j, n)]; }
+};
+
+/// |v[i]|, and the smaller of two: the device threshold is the smallest
+/// magnitude among the sample's largest.
+template <class T>
+struct magnitude_at {
+  const T* v;
+  GCOMP_HD T operator()(std::size_t i) const { return magnitude(v[i]); }
+};
+template <class T>
+struct smaller_of {
+  GCOMP_HD T operator()(T a, T b) const { return b < a ? b : a; }
+};
 
 }  // namespace detail
 
@@ -224,15 +260,29 @@ class sampled_topk {
     return std::min(n, std::max(k, upper));
   }
 
+  /// Under a device policy the gradient is the policy's memory and the
+  /// message the same host payload, bit for bit, with the same errors: one
+  /// min-index pass rejects a non-finite gradient up front, the sample is
+  /// drawn there and its threshold found by a top-k of the sample (on the GPU
+  /// under cuda_par), select_if and a gather collect the elements at or
+  /// above it, and the trimmed and exact paths run the device top-k
+  /// (compress/detail/topk_cuda.cuh). Under thrust_device on Thrust's OpenMP
+  /// system the two top-k steps run the host selection on that memory.
+  /// Thrust's CUDA system has no device top-k: use cuda_par.
+  /// last_threshold() is the host's; last_outcome() is accepted exactly when
+  /// the host's is, but may say exact where the host says trimmed or the
+  /// other way round (the host gives up its gather at about the cap, per
+  /// chunk): both mean the exact top-k, the same message.
   template <class Policy>
   void compress(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
-    static_assert(policy_traits<Policy>::host_memory,
-                  "gcomp::sampled_topk::compress selects on the host: it takes host_seq, host_par or "
-                  "thrust_device on Thrust's OpenMP system, not device memory (under cuda_par use gcomp::topk)");
-    if constexpr (host_policy<Policy>)
+    if constexpr (host_policy<Policy>) {
       compress_host(policy, gradient, message, key);
-    else  // host-readable memory (thrust_device on OpenMP): the host selection
-      compress_host(host_seq{}, gradient, message, key);
+    } else {
+      static_assert(detail::device_topk<Policy>::value || policy_traits<Policy>::host_memory,
+                    "gcomp::sampled_topk::compress: this policy has no device top-k (cuda_par has one; "
+                    "thrust_device on Thrust's CUDA system does not: use cuda_par)");
+      compress_on_device(policy, gradient, message, key);
+    }
   }
 
   template <class Policy>
@@ -263,36 +313,24 @@ class sampled_topk {
     detail::check_threshold_index_type<Index>(where, n);
     const std::size_t k = kept(n);
     const std::size_t upper = max_kept(n);
-    const double wanted = std::ceil(options_.sample_ratio * static_cast<double>(n));
-    const std::size_t s = std::min(n, std::max(options_.min_sample, static_cast<std::size_t>(wanted)));
+    const std::size_t s = sample_size(n);
     if (k == 0 || s == n) {  // nothing to estimate: select exactly
       exact(policy, gradient, message, k, where);
       return;
     }
-    // Sample s magnitudes at indices drawn from the key: floor(u * n) with a
-    // 32-bit u is within 2^-32 n of uniform, plenty for an estimate.
+    // Sample s magnitudes at positions drawn from the key.
     sample_.resize(s);
     const rng_key stream = key.fork(detail::sampled_topk_tag);
     const T* g = gradient.data();
     auto* out = sample_.data();
-    for_each_index(policy, s, [=](std::size_t j) {
-      const std::uint64_t at = (static_cast<std::uint64_t>(random_bits(stream, j)) * n) >> 32;
-      out[j] = bits::key(g[at]);
-    });
-    const double rank_wanted = std::ceil((1.0 + options_.tolerance / 2.0) * static_cast<double>(k) *
-                                         static_cast<double>(s) / static_cast<double>(n));
-    const std::size_t rank =
-        std::min(s - 1, static_cast<std::size_t>(std::max(1.0, rank_wanted)) - 1);
+    for_each_index(policy, s, [=](std::size_t j) { out[j] = bits::key(g[detail::sampled_position(stream, j, n)]); });
+    const std::size_t rank = sample_rank(k, s, n);
     std::nth_element(sample_.begin(), sample_.begin() + static_cast<std::ptrdiff_t>(rank), sample_.end(),
                      std::greater<typename bits::key_type>());
     threshold_ = std::bit_cast<T>(std::min(sample_[rank], bits::infinity));
-    // Cap the gathered set so a useless estimate (e.g. all values equal)
-    // costs bounded memory before the exact path takes over.
-    const std::size_t cap = std::min(
-        n, static_cast<std::size_t>(4.0 * (1.0 + options_.tolerance) * static_cast<double>(k)) + 4096);
     bool overflow = false;
     const std::size_t count =
-        selector_.gather_at_least(policy, gradient, bits::key(threshold_), cap, 0, where, overflow);
+        selector_.gather_at_least(policy, gradient, bits::key(threshold_), gather_cap(n, k), 0, where, overflow);
     if (overflow || count < k) {
       exact(policy, gradient, message, k, where);
       return;
@@ -310,6 +348,131 @@ class sampled_topk {
     last_ = outcome::accepted;
   }
 
+  // Elements sampled from an n-element gradient: sample_ratio n rounded up,
+  // at least min_sample, at most n.
+  std::size_t sample_size(std::size_t n) const {
+    const double wanted = std::ceil(options_.sample_ratio * static_cast<double>(n));
+    return std::min(n, std::max(options_.min_sample, static_cast<std::size_t>(wanted)));
+  }
+
+  // The sample rank (0-based, largest first) whose magnitude is the
+  // threshold: (1 + tolerance / 2) k s / n rounded up, in [1, s], less one.
+  std::size_t sample_rank(std::size_t k, std::size_t s, std::size_t n) const {
+    const double rank_wanted = std::ceil((1.0 + options_.tolerance / 2.0) * static_cast<double>(k) *
+                                         static_cast<double>(s) / static_cast<double>(n));
+    return std::min(s - 1, static_cast<std::size_t>(std::max(1.0, rank_wanted)) - 1);
+  }
+
+  // The gathered set's cap, so a useless estimate (e.g. all values equal)
+  // costs bounded memory before the exact path takes over.
+  std::size_t gather_cap(std::size_t n, std::size_t k) const {
+    return std::min(n, static_cast<std::size_t>(4.0 * (1.0 + options_.tolerance) * static_cast<double>(k)) + 4096);
+  }
+
+  // The device path (see compress). Every step is a policy primitive or the
+  // device top-k, so it allocates nothing after the first step of a size.
+  template <class Policy>
+  void compress_on_device(const Policy& policy, std::span<const T> gradient, payload& message, rng_key key) {
+    constexpr std::string_view where = "gcomp::sampled_topk::compress";
+    const std::size_t n = gradient.size();
+    detail::check_threshold_index_type<Index>(where, n);
+    const std::size_t k = kept(n);
+    const std::size_t upper = max_kept(n);
+    const std::size_t s = sample_size(n);
+    // The host meets a non-finite element in its gather or selection and
+    // names the first; here one min-index pass names it before anything
+    // else, so every step below sees finite values.
+    const std::size_t bad = first_nonfinite(policy, gradient);
+    if (bad != n) {
+      T value{};
+      copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
+      detail::fail_selection_nonfinite(where, bad, value);
+    }
+    if (k == 0 || s == n) {
+      exact_on_device(policy, gradient, message, k, where);
+      return;
+    }
+    // The sample's values; the threshold is the smallest magnitude among its
+    // rank + 1 largest, which is the host's rank-th key.
+    const std::size_t rank = sample_rank(k, s, n);
+    device_sample_.resize(policy, s, where);
+    for_each_index(policy, s,
+                   detail::sample_entry<T>{gradient.data(), key.fork(detail::sampled_topk_tag), n,
+                                           device_sample_.data()});
+    device_pick_values_.resize(policy, std::max(rank + 1, k), where);
+    device_pick_positions_.resize(policy, std::max(rank + 1, k), where);
+    T* pick_values = device_pick_values_.data();
+    Index* pick_positions = device_pick_positions_.data();
+    exact_topk(policy, std::span<const T>(device_sample_.data(), s), rank + 1, pick_values, pick_positions, where);
+    threshold_ = transform_reduce(policy, rank + 1, std::numeric_limits<T>::infinity(), detail::smaller_of<T>{},
+                                  detail::magnitude_at<T>{pick_values});
+    // Everything at or above it, in index order; past the cap (or short of k)
+    // the exact top-k of g takes over, as on the host.
+    device_.indices.resize(policy, n, where);
+    Index* selected = device_.indices.data();
+    const std::size_t count = select_if(policy, n, detail::magnitude_at_least<T>{gradient.data(), threshold_},
+                                        std::span<Index>(selected, n));
+    if (count < k || count > gather_cap(n, k)) {
+      exact_on_device(policy, gradient, message, k, where);
+      return;
+    }
+    device_.values.resize(policy, count, where);
+    T* gathered = device_.values.data();
+    for_each_index(policy, count, detail::gather_entry<T, Index, false>{gradient.data(), selected, gathered, T(1)});
+    if (count > upper) {
+      // The exact top-k of the gathered values (ties to the lower position,
+      // which is the lower index) is the exact top-k of g: its positions
+      // are mapped back to g's indices.
+      exact_topk(policy, std::span<const T>(gathered, count), k, pick_values, pick_positions, where);
+      device_indices_.resize(policy, k, where);
+      for_each_index(policy, k,
+                     detail::gather_entry<Index, Index, false>{selected, pick_positions, device_indices_.data(),
+                                                               Index(1)});
+      copy_message(policy, message, n, k, device_indices_.data(), pick_values);
+      last_ = outcome::trimmed;
+      return;
+    }
+    copy_message(policy, message, n, count, selected, gathered);
+    last_ = outcome::accepted;
+  }
+
+  // The exact top-k of x (the policy's memory, finite) into values and
+  // indices (the policy's memory, k entries, indices increasing): the device
+  // selection where the policy has one, else the host selection on
+  // host-readable memory.
+  template <class Policy>
+  void exact_topk(const Policy& policy, std::span<const T> x, std::size_t k, T* values, Index* indices,
+                  std::string_view where) {
+    if constexpr (detail::device_topk<Policy>::value)
+      detail::device_topk<Policy>::select(policy, x, k, 0, device_scratch_, values, indices, where);
+    else
+      selector_.select_topk(host_seq{}, x, k, 0, indices, values, where);
+  }
+
+  template <class Policy>
+  void exact_on_device(const Policy& policy, std::span<const T> gradient, payload& message, std::size_t k,
+                       std::string_view where) {
+    if (k != 0) {
+      device_pick_values_.resize(policy, k, where);
+      device_indices_.resize(policy, k, where);
+      exact_topk(policy, gradient, k, device_pick_values_.data(), device_indices_.data(), where);
+    }
+    copy_message(policy, message, gradient.size(), k, device_indices_.data(), device_pick_values_.data());
+    last_ = outcome::exact;
+  }
+
+  // The message: dimension n and the count entries at indices and values
+  // (the policy's memory), copied to the host.
+  template <class Policy>
+  static void copy_message(const Policy& policy, payload& message, std::size_t n, std::size_t count,
+                           const Index* indices, const T* values) {
+    detail::write_sparse_in_place(message, n, count, [&](Index* to_indices, T* to_values) {
+      if (count == 0) return;
+      copy_to_host(policy, std::span<const Index>(indices, count), std::span<Index>(to_indices, count));
+      copy_to_host(policy, std::span<const T>(values, count), std::span<T>(to_values, count));
+    });
+  }
+
   template <class Policy>
   void exact(const Policy& policy, std::span<const T> gradient, payload& message, std::size_t k,
              std::string_view where) {
@@ -324,7 +487,16 @@ class sampled_topk {
   std::vector<typename detail::magnitude_bits<T>::key_type> sample_;
   T threshold_ = T(0);
   outcome last_ = outcome::exact;
-  mutable detail::sparse_device_buffers<T, Index> device_;  // decompress_add's upload under a device policy
+  // Device scratch: the selected indices and gathered values (also
+  // decompress_add's upload), the sample, the top-k picks and their indices,
+  // and the GPU top-k's workspace. One object must not run two device steps
+  // at once.
+  mutable detail::sparse_device_buffers<T, Index> device_;
+  policy_buffer<T> device_sample_;
+  policy_buffer<T> device_pick_values_;
+  policy_buffer<Index> device_pick_positions_;
+  policy_buffer<Index> device_indices_;
+  detail::opaque_scratch device_scratch_;
 };
 
 }  // namespace gcomp
