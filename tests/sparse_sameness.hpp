@@ -124,8 +124,9 @@ void check_cases_of(const Policy& policy) {
   for (std::size_t n : {1, 2, 63, 64, 65, 1000, 4097, 70001}) {
     CAPTURE(n);
     const std::vector<T> g = sample_gradient<T>(n, static_cast<unsigned>(n) + 1);
-    for (std::size_t k : {std::size_t{1}, n / 100 + 1, n / 3 + 1, n}) {
-      if (k > n) continue;
+    // k: sparse and dense samples, their complements (k > n / 2), everything.
+    for (std::size_t k : {std::size_t{1}, n / 100 + 1, n / 3 + 1, 2 * n / 3 + 1, n - n / 40 - 1, n}) {
+      if (k == 0 || k > n) continue;
       CAPTURE(k);
       check_one(policy, gcomp::topk<T, Index>({.k = k}), g, key);
       check_one(policy, gcomp::randomk<T, gcomp::key_use::per_worker, gcomp::rescale::unbiased, Index>({.k = k}),

@@ -158,15 +158,23 @@ class randomk {
     const T* g = gradient.data();
     const Index shift = static_cast<Index>(offset);
     if constexpr (!host_policy<Policy>) {
-      // The indices depend on the key alone: drawn on the host (the same set
-      // on every policy), uploaded, and the values gathered on the device.
-      detail::sample_sorted_distinct(host_seq{}, stream, size, indices, scratch_);
-      for (Index& i : indices) i += shift;
+      // The indices depend on the key alone: drawn on the device (the host's
+      // set, detail/random_sampling.hpp), shifted to the layer, the values
+      // gathered there, and both copied into the message.
+      constexpr std::string_view where = "gcomp::randomk::compress";
+      if (kd == 0) return;
+      device_.indices.resize(policy, kd, where);
+      device_.values.resize(policy, kd, where);
+      Index* idx = device_.indices.data();
+      T* v = device_.values.data();
+      detail::sample_sorted_distinct_on_device(policy, stream, size, std::span<Index>(idx, kd), device_sampling_,
+                                               where);
+      if (shift != 0) for_each_index(policy, kd, detail::shift_entry<Index>{idx, shift});
       constexpr bool scaled = Scale == rescale::unbiased;
       const T s = scaled ? static_cast<T>(static_cast<double>(size) / static_cast<double>(kd)) : T(1);
-      detail::sparse_device_gather<scaled>(policy, gradient, std::span<const Index>(indices), s,
-                                           std::span<T>(message.data.data() + at, kd), device_,
-                                           "gcomp::randomk::compress");
+      for_each_index(policy, kd, detail::gather_entry<T, Index, scaled>{g, idx, v, s});
+      copy_to_host(policy, std::span<const Index>(idx, kd), indices);
+      copy_to_host(policy, std::span<const T>(v, kd), std::span<T>(message.data.data() + at, kd));
     } else {
       detail::sample_sorted_distinct(policy, stream, size, indices, scratch_);
       Index* idx = indices.data();
@@ -191,9 +199,11 @@ class randomk {
   bool per_layer_ = false;
   std::vector<std::size_t> order_;  // layer indices by increasing offset
   detail::sampling_scratch<Index> scratch_;  // the sampler's buffers, reused
-  // Device scratch (cuda_par, thrust_device): the indices going up, the
-  // gathered values coming back, decompress_add's upload.
+  // Device scratch (cuda_par, thrust_device): the drawn indices and gathered
+  // values on their way to the message, decompress_add's upload, and the
+  // sampler's bitmap.
   mutable detail::sparse_device_buffers<T, Index> device_;
+  detail::device_sampling_scratch device_sampling_;
 };
 
 /// Random-k with the key every worker shares: identical indices on all

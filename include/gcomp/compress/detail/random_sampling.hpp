@@ -13,8 +13,10 @@
 #include <vector>
 
 #include "gcomp/compress/detail/count.hpp"
+#include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/buffer.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -40,7 +42,7 @@ inline constexpr std::uint64_t bernoulli_tag = 0x696c6c756f6e7265ull;      // "e
 
 /// High and low 64 bits of a * b, written out in 32-bit halves (no __int128,
 /// which -Wpedantic rejects and some device compilers lack).
-constexpr void mul64(std::uint64_t a, std::uint64_t b, std::uint64_t& hi, std::uint64_t& lo) {
+GCOMP_HD constexpr void mul64(std::uint64_t a, std::uint64_t b, std::uint64_t& hi, std::uint64_t& lo) {
   const std::uint64_t a0 = a & 0xFFFFFFFFu, a1 = a >> 32, b0 = b & 0xFFFFFFFFu, b1 = b >> 32;
   const std::uint64_t p00 = a0 * b0, p01 = a0 * b1, p10 = a1 * b0, p11 = a1 * b1;
   const std::uint64_t middle = (p00 >> 32) + (p01 & 0xFFFFFFFFu) + (p10 & 0xFFFFFFFFu);
@@ -51,7 +53,7 @@ constexpr void mul64(std::uint64_t a, std::uint64_t b, std::uint64_t& hi, std::u
 /// 64 random bits number `attempt` of draw j: attempts 0 and 1 use the two
 /// halves of Philox block j, later ones (probability below 2^-60 in total)
 /// come from forked keys. A pure function of (key, j, attempt).
-constexpr std::uint64_t random_u64(const rng_key& key, std::uint64_t j, unsigned attempt) {
+GCOMP_HD constexpr std::uint64_t random_u64(const rng_key& key, std::uint64_t j, unsigned attempt) {
   const u32x4 w = random_block(attempt < 2 ? key : key.fork(attempt), j);
   const unsigned h = (attempt % 2) * 2;
   return (static_cast<std::uint64_t>(w.v[h]) << 32) | w.v[h + 1];
@@ -61,7 +63,7 @@ constexpr std::uint64_t random_u64(const rng_key& key, std::uint64_t j, unsigned
 /// multiply-shift with rejection ("Fast random integer generation in an
 /// interval", 2019). The rejection removes the n / 2^64 bias a bare
 /// multiply-shift or modulo would leave.
-constexpr std::uint64_t uniform_below(const rng_key& key, std::uint64_t j, std::uint64_t n) {
+GCOMP_HD constexpr std::uint64_t uniform_below(const rng_key& key, std::uint64_t j, std::uint64_t n) {
   std::uint64_t hi = 0, lo = 0;
   mul64(random_u64(key, j, 0), n, hi, lo);
   if (lo < n) {
@@ -213,6 +215,102 @@ void sample_sorted_distinct(const Policy& policy, const rng_key& key, std::uint6
     }
     out[j++] = static_cast<Index>(i);
   }
+}
+
+// sample_sorted_distinct under a device policy (cuda_par, thrust_device).
+// The host's set is the distinct values among the first D draws of the
+// sequence, where D is fixed by the batch sizes (each batch draws exactly the
+// number still missing), and a batch's count of new values does not depend
+// on the order its draws are recorded. So every batch draws in parallel and
+// claims its values in a bitmap with an atomic OR, a sum of the claims gives
+// the new count (the one host wait per batch), and a select_if over the
+// bitmap writes the set, or its complement, in increasing order: the host's
+// indices exactly, for sparse and dense samples alike (the bitmap costs
+// n / 8 bytes of scratch and one pass over n predicates).
+
+/// Sets bit v of words atomically (threads of one batch may draw the same
+/// value); true when this call set it.
+GCOMP_HD inline bool claim_bit(std::uint64_t* words, std::uint64_t v) {
+  const std::uint64_t bit = std::uint64_t{1} << (v & 63);
+#if defined(__CUDA_ARCH__)
+  static_assert(sizeof(unsigned long long) == sizeof(std::uint64_t));
+  const std::uint64_t old = atomicOr(reinterpret_cast<unsigned long long*>(words + (v >> 6)),
+                                     static_cast<unsigned long long>(bit));
+#else
+  const std::uint64_t old = __atomic_fetch_or(words + (v >> 6), bit, __ATOMIC_RELAXED);
+#endif
+  return (old & bit) == 0;
+}
+
+/// Draw first + t of uniform_below(key, ., n), claimed in the bitmap:
+/// claimed[t] = 1 when it was new.
+struct distinct_draw_entry {
+  rng_key key;
+  std::uint64_t first;
+  std::uint64_t n;
+  std::uint64_t* words;
+  std::uint8_t* claimed;
+  GCOMP_HD void operator()(std::size_t t) const {
+    claimed[t] = claim_bit(words, uniform_below(key, first + t, n)) ? 1 : 0;
+  }
+};
+
+struct claimed_at {
+  const std::uint8_t* claimed;
+  GCOMP_HD std::size_t operator()(std::size_t t) const { return claimed[t]; }
+};
+struct add_counts {
+  GCOMP_HD std::size_t operator()(std::size_t a, std::size_t b) const { return a + b; }
+};
+
+/// Whether bit i of the bitmap equals `set`.
+struct bit_equals {
+  const std::uint64_t* words;
+  bool set;
+  GCOMP_HD bool operator()(std::size_t i) const { return (((words[i >> 6] >> (i & 63)) & 1u) != 0) == set; }
+};
+
+template <class Index>
+struct iota_entry {
+  Index* out;
+  GCOMP_HD void operator()(std::size_t i) const { out[i] = static_cast<Index>(i); }
+};
+
+/// Device scratch of the sampler: the bitmap and one claim flag per draw of
+/// a batch, sized on first use and reused.
+struct device_sampling_scratch {
+  policy_buffer<std::uint64_t> bitmap;
+  policy_buffer<std::uint8_t> claimed;
+};
+
+/// sample_sorted_distinct with out (k <= n entries) in the memory of a device
+/// policy: the same k indices, strictly increasing.
+template <class Policy, class Index>
+void sample_sorted_distinct_on_device(const Policy& policy, const rng_key& key, std::uint64_t n,
+                                      std::span<Index> out, device_sampling_scratch& scratch,
+                                      std::string_view where) {
+  const std::size_t k = out.size();
+  if (k == 0) return;
+  const bool complement = k > n / 2;
+  const std::size_t m = complement ? static_cast<std::size_t>(n - k) : k;
+  if (m == 0) {  // k == n: everything
+    for_each_index(policy, k, iota_entry<Index>{out.data()});
+    return;
+  }
+  scratch.bitmap.assign(policy, static_cast<std::size_t>((n + 63) / 64), 0, where);
+  scratch.claimed.resize(policy, m, where);
+  std::uint64_t* words = scratch.bitmap.data();
+  std::uint8_t* claimed = scratch.claimed.data();
+  std::size_t filled = 0;
+  std::uint64_t next = 0;
+  while (filled < m) {
+    const std::size_t need = m - filled;
+    for_each_index(policy, need, distinct_draw_entry{key, next, n, words, claimed});
+    filled += transform_reduce(policy, need, std::size_t{0}, add_counts{}, claimed_at{claimed});
+    next += need;
+  }
+  const std::size_t count = select_if(policy, static_cast<std::size_t>(n), bit_equals{words, !complement}, out);
+  require(count == k, where, "the device sample holds ", count, " indices, not k = ", k, " (internal error)");
 }
 }  // namespace detail
 }  // namespace gcomp

@@ -90,23 +90,6 @@ struct shift_entry {
   GCOMP_HD void operator()(std::size_t j) const { idx[j] += shift; }
 };
 
-/// values[j] = g[indices[j]] (times s when Scaled) for host `indices`, all
-/// below g.size(), and host `values` of the same size; g lives in the
-/// policy's memory. The indices are uploaded, gathered on the device and the
-/// values brought back.
-template <bool Scaled, class Policy, class T, class Index>
-void sparse_device_gather(const Policy& policy, std::span<const T> g, std::span<const Index> indices,
-                          T s, std::span<T> values, sparse_device_buffers<T, Index>& buf,
-                          std::string_view where) {
-  const std::size_t k = indices.size();
-  if (k == 0) return;
-  buf.indices.resize(policy, k, where);
-  buf.values.resize(policy, k, where);
-  copy_from_host(policy, indices, buf.indices.span());
-  for_each_index(policy, k, gather_entry<T, Index, Scaled>{g.data(), buf.indices.data(), buf.values.data(), s});
-  copy_to_host(policy, std::span<const T>(buf.values.data(), k), values);
-}
-
 /// Scratch whose type a header cannot name, such as the CUDA top-k workspace
 /// in topk.hpp, which compiles without CUDA: created on first use by the code
 /// that knows the type, owned here, and dropped rather than copied when its
