@@ -61,6 +61,20 @@ void check_same_payload(const Payload& host, const Payload& device) {
   }
 }
 
+/// Compresses g with `host` under host_seq and with `device` under `policy`
+/// (g uploaded to the policy's memory), and checks that the payloads are the
+/// same.
+template <class C, class Policy>
+void compress_both(const Policy& policy, C& host, C& device, const std::vector<typename C::value_type>& g,
+                   const gcomp::rng_key& key, typename C::payload& on_host, typename C::payload& on_device) {
+  using T = typename C::value_type;
+  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
+  gcomp::policy_buffer<T> g_device;
+  g_device.assign_from_host(policy, std::span<const T>(g));
+  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
+  check_same_payload(on_host, on_device);
+}
+
 /// One compressor on one gradient: compress g under host_seq and under
 /// `policy`, then -g with the next key on the same objects (reused scratch,
 /// another sign pattern), then decompress_add of the host payload into the
@@ -72,18 +86,10 @@ void check_one(const Policy& policy, const C& prototype, const std::vector<typen
   C host = prototype;
   C device = prototype;
   typename C::payload on_host, on_device;
-  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
-  gcomp::policy_buffer<T> g_device;
-  g_device.assign_from_host(policy, std::span<const T>(g));
-  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
-  check_same_payload(on_host, on_device);
+  compress_both(policy, host, device, g, key, on_host, on_device);
   std::vector<T> minus(g.size());
   for (std::size_t i = 0; i < g.size(); ++i) minus[i] = -g[i];
-  const gcomp::rng_key next{key.seed, key.step + 1, key.worker};
-  host.compress(gcomp::host_seq{}, std::span<const T>(minus), on_host, next);
-  g_device.assign_from_host(policy, std::span<const T>(minus));
-  device.compress(policy, std::span<const T>(g_device.span()), on_device, next);
-  check_same_payload(on_host, on_device);
+  compress_both(policy, host, device, minus, gcomp::rng_key{key.seed, key.step + 1, key.worker}, on_host, on_device);
 
   std::vector<T> base(g.size());
   for (std::size_t i = 0; i < base.size(); ++i) base[i] = static_cast<T>(0.25 * std::sin(double(i)));

@@ -60,11 +60,7 @@ auto sampled_topk_step(const Policy& policy, const gcomp::sampled_topk_options& 
   C host(options);
   C device(options);
   typename C::payload on_host, on_device;
-  host.compress(gcomp::host_seq{}, std::span<const T>(g), on_host, key);
-  gcomp::policy_buffer<T> g_device;
-  g_device.assign_from_host(policy, std::span<const T>(g));
-  device.compress(policy, std::span<const T>(g_device.span()), on_device, key);
-  check_same_payload(on_host, on_device);
+  compress_both(policy, host, device, g, key, on_host, on_device);
   CHECK(same_bytes(std::vector<T>{host.last_threshold()}, std::vector<T>{device.last_threshold()}));
   CHECK((host.last_outcome() == C::outcome::accepted) == (device.last_outcome() == C::outcome::accepted));
   return host.last_outcome();

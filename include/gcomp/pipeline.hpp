@@ -14,6 +14,7 @@
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/nonfinite.hpp"
 #include "gcomp/core/random.hpp"
+#include "gcomp/exec/buffer.hpp"
 
 namespace gcomp {
 
@@ -56,10 +57,10 @@ class pipeline {
     // Before the compressor sees the gradient: error-feedback residuals and
     // lazy/stale aggregator state must not absorb a NaN.
     if (!guard_.admit(policy, comm, grads, where)) return false;
-    global_.resize(grads.size());
-    aggregator.aggregate(policy, comm, compressor, grads, std::span<value_type>(global_),
+    global_.resize(policy, grads.size(), where);  // allocates on the first step only
+    aggregator.aggregate(policy, comm, compressor, grads, global_.span(),
                          rng_key{seed_, step_, static_cast<std::uint32_t>(comm.rank())});
-    optimizer.step(policy, lay, params, std::span<const value_type>(global_), active);
+    optimizer.step(policy, lay, params, std::span<const value_type>(global_.span()), active);
     ++step_;
     return true;
   }
@@ -107,8 +108,10 @@ class pipeline {
     next.guard_.set_action(guard_.action());  // the action is configuration, not state
     *this = std::move(next);
   }
-  /// The aggregated gradient of the last step (the same on every worker).
-  std::span<const value_type> global_gradient() const { return global_; }
+  /// The aggregated gradient of the last step (the same on every worker), in
+  /// the memory of the last step's policy (device memory under cuda_par:
+  /// read it with copy_to_host).
+  std::span<const value_type> global_gradient() const { return global_.span(); }
 
   C compressor;
   A aggregator;
@@ -118,7 +121,7 @@ class pipeline {
   std::uint64_t seed_;
   std::uint64_t step_ = 0;
   nonfinite_guard<value_type> guard_;
-  std::vector<value_type> global_;
+  policy_buffer<value_type> global_;  // the policy's memory
 };
 
 }  // namespace gcomp

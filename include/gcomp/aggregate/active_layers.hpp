@@ -13,6 +13,8 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/detail/typed_slot.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 
 namespace gcomp {
 
@@ -67,8 +69,9 @@ class active_layers {
     }
 
     // Sized for every layer on first use, so no later step allocates.
-    auto& buffer = buffer_.get<std::vector<T>>("gcomp::active_layers::aggregate");
-    if (buffer.size() < lay.covered_size()) buffer.resize(lay.covered_size());
+    // In the policy's memory, so under cuda_par NCCL all-reduces device memory.
+    auto& buffer = buffer_.get<policy_buffer<T>>("gcomp::active_layers::aggregate");
+    buffer.resize(policy, lay.covered_size(), where);  // allocates on the first step only
     T* const pack = buffer.data();
     std::size_t at = 0;
     for (std::size_t d = 0; d < layers; ++d) {
@@ -76,7 +79,8 @@ class active_layers {
       const T scale = static_cast<T>(1.0 / inclusion[d]);
       const T* src = local.data() + lay[d].offset;
       T* dst = pack + at;
-      for_each_index(policy, lay[d].size, [=] GCOMP_HD(std::size_t i) { dst[i] = src[i] * scale; });
+      for_each_index(policy, lay[d].size,
+                     [=] GCOMP_HD(std::size_t i) { dst[i] = detail::mul_unfused(src[i], scale); });
       at += lay[d].size;
     }
     comm.allreduce_sum(policy, std::span<T>(pack, packed));
@@ -94,7 +98,8 @@ class active_layers {
         continue;
       }
       const T* src = pack + at;
-      for_each_index(policy, lay[d].size, [=] GCOMP_HD(std::size_t i) { dst[i] = src[i] * mean; });
+      for_each_index(policy, lay[d].size,
+                     [=] GCOMP_HD(std::size_t i) { dst[i] = detail::mul_unfused(src[i], mean); });
       at += lay[d].size;
     }
     last_layers_ = count;
@@ -112,7 +117,7 @@ class active_layers {
   std::uint64_t last_bytes() const { return last_bytes_; }
 
  private:
-  detail::typed_slot buffer_;  // std::vector<T>, the packed active layers
+  detail::typed_slot buffer_;  // policy_buffer<T>, the packed active layers
   std::size_t last_layers_ = 0;
   std::size_t last_elements_ = 0;
   std::uint64_t last_bytes_ = 0;

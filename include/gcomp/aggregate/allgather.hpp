@@ -10,6 +10,7 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/message.hpp"
 #include "gcomp/detail/typed_slot.hpp"
+#include "gcomp/exec/host.hpp"
 
 namespace gcomp {
 
@@ -34,7 +35,7 @@ class allgather {
     c.compress(policy, local, s.mine, key);
     encode(s.mine, s.bytes);
     s.counts.resize(static_cast<std::size_t>(comm.size()));
-    comm.allgatherv(policy, std::span<const std::byte>(s.bytes), s.gathered,
+    comm.allgatherv(host_side(policy), std::span<const std::byte>(s.bytes), s.gathered,
                     std::span<std::size_t>(s.counts));
     last_bytes_ = s.bytes.size();
     // Decode every message before writing global, so a corrupt one leaves it untouched.
@@ -49,7 +50,7 @@ class allgather {
       offset += s.counts[r];
     }
     T* out = global.data();
-    for_each_index(policy, global.size(), [=](std::size_t i) { out[i] = T(0); });
+    for_each_index(policy, global.size(), [=] GCOMP_HD(std::size_t i) { out[i] = T(0); });
     const T scale = T(1) / static_cast<T>(comm.size());
     for (std::size_t r = 0; r < s.counts.size(); ++r)
       c.decompress_add(policy, static_cast<int>(r) == comm.rank() ? s.mine : s.theirs[r], global,

@@ -7,6 +7,7 @@
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/error.hpp"
 #include "gcomp/detail/typed_slot.hpp"
+#include "gcomp/exec/host.hpp"
 
 namespace gcomp {
 
@@ -24,9 +25,9 @@ class allreduce {
     check_same_size("gcomp::allreduce::aggregate", "global", global.size(), "local", local.size());
     auto& message = message_.get<typename C::payload>("gcomp::allreduce::aggregate");
     c.compress(policy, local, message, key);
-    comm.allreduce_sum(policy, message.values());
+    comm.allreduce_sum(host_side(policy), message.values());  // a host payload under every policy
     T* out = global.data();
-    for_each_index(policy, global.size(), [=](std::size_t i) { out[i] = T(0); });
+    for_each_index(policy, global.size(), [=] GCOMP_HD(std::size_t i) { out[i] = T(0); });
     c.decompress_add(policy, message, global, T(1) / static_cast<T>(comm.size()));
   }
 

@@ -205,6 +205,7 @@ class divisible {
              detail::zeroable_support_payload<typename C::payload, Policy, T>
   void aggregate(const Policy& policy, Comm& comm, C& c, std::span<const T> local,
                  std::span<T> global, rng_key key) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::divisible::aggregate";
     check_same_size(where, "global", global.size(), "local", local.size());
     const std::size_t n = local.size();
@@ -235,6 +236,7 @@ class divisible {
   template <class Policy, class Comm>
     requires communicator<Comm, Policy, T> && communicator<Comm, Policy, std::uint64_t>
   bool background(const Policy& policy, Comm& comm, std::span<T> params) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::divisible::background";
     check_target(where, comm, params.size());
     require(started_ || options_.payload != background_payload::residual, where,
@@ -265,6 +267,7 @@ class divisible {
   template <class Policy, class Comm>
     requires communicator<Comm, Policy, T> && communicator<Comm, Policy, std::uint64_t>
   bool finish(const Policy& policy, Comm& comm, std::span<T> params) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::divisible::finish";
     check_target(where, comm, params.size());
     if (options_.payload == background_payload::none) return false;

@@ -135,7 +135,7 @@ class lazy<allgather> {
     last_bytes_ = s.bytes.size();
 
     T* out = global.data();
-    for_each_index(policy, global.size(), [=](std::size_t i) { out[i] = T(0); });
+    for_each_index(policy, global.size(), [=] GCOMP_HD(std::size_t i) { out[i] = T(0); });
     const T scale = options_.reduction == lazy_reduction::mean
                         ? T(1) / static_cast<T>(workers)
                         : T(1);

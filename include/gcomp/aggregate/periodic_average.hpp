@@ -14,6 +14,8 @@
 #include "gcomp/core/concepts.hpp"
 #include "gcomp/core/config.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/exec/host.hpp"
 
 namespace gcomp {
@@ -69,7 +71,7 @@ class periodic_average {
     check_params("gcomp::periodic_average::average", params);
     const std::size_t n = params.size();
     if (options_.measure_disagreement) {
-      before_.resize(n);  // sized on the first round, reused after
+      before_.resize(policy, n, "gcomp::periodic_average::average");  // sized on the first round, reused after
       T* copy = before_.data();
       const T* x = params.data();
       for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) { copy[i] = x[i]; });
@@ -88,11 +90,12 @@ class periodic_average {
     if (options_.measure_disagreement) {
       const T* copy = before_.data();
       const T* mean = params.data();
+      // Unfused, so a device policy measures the host's value.
       last_disagreement_ = transform_reduce(
-          policy, n, 0.0, [] GCOMP_HD(double a, double b) { return a + b; },
+          policy, n, 0.0, [] GCOMP_HD(double a, double b) { return detail::add_unfused(a, b); },
           [=] GCOMP_HD(std::size_t i) {
             const double d = static_cast<double>(copy[i]) - static_cast<double>(mean[i]);
-            return d * d;
+            return detail::mul_unfused(d, d);
           });
     }
   }
@@ -177,7 +180,7 @@ class periodic_average {
   comm_stats last_traffic_;
   double last_disagreement_ = std::numeric_limits<double>::quiet_NaN();
   std::size_t size_ = unsized;  // the parameters' size, fixed by the first round
-  std::vector<T> before_;       // the parameters before the round (measure_disagreement)
+  policy_buffer<T> before_;     // the parameters before the round (measure_disagreement), the policy's memory
 };
 
 }  // namespace gcomp

@@ -115,6 +115,7 @@ class model_history {
   /// history unchanged).
   template <class Policy>
   void push(const Policy& policy, std::span<const T> x) {
+    detail::require_host_memory<Policy>();
     if (pushes_ != 0)
       check_same_size("gcomp::model_history::push", "x", x.size(), "the models held", dimension_);
     if (depth_ != 0) {
@@ -263,6 +264,7 @@ class parameter_server {
              wire_payload<typename C::payload>
   void aggregate(const Policy& policy, Comm& comm, C& c, std::span<const std::uint8_t> due,
                  std::span<const T> local, std::span<T> global, rng_key key) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::parameter_server::aggregate";
     const std::size_t ranks = static_cast<std::size_t>(comm.size());
     const std::size_t me = static_cast<std::size_t>(comm.rank());

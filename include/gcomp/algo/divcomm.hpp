@@ -83,6 +83,7 @@ class divcomm {
              communicator<Comm, Policy, std::uint64_t>
   bool step(const Policy& policy, Comm& comm, const layout& lay, std::span<T> params,
             std::span<const T> grads) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::divcomm::step";
     lay.check_buffer(where, "params", params.size());
     check_same_size(where, "grads", grads.size(), "params", params.size());

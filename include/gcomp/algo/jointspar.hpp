@@ -17,6 +17,8 @@
 #include "gcomp/core/error.hpp"
 #include "gcomp/core/layout.hpp"
 #include "gcomp/core/nonfinite.hpp"
+#include "gcomp/exec/buffer.hpp"
+#include "gcomp/exec/detail/unfused.hpp"
 #include "gcomp/optim/lars.hpp"
 #include "gcomp/optim/sgd.hpp"
 
@@ -118,23 +120,28 @@ class jointspar {
     // Before any state sees the gradient; a skip keeps the drawn set, so the
     // retry reads the same layers.
     if (!guard_.admit(policy, comm, lay, layer_mask(mask_), grads, where)) return false;
-    global_.resize(params.size());  // allocates on the first step only
+    global_.resize(policy, params.size(), where);  // allocates on the first step only
     aggregator.aggregate(policy, comm, lay, layer_mask(mask_), sampler_.inclusion_probabilities(),
-                         grads, std::span<T>(global_));
+                         grads, global_.span());
 
     // ||ghat_d|| of the active layers, in the fixed reduction order (the same
     // for every thread count, hence the same probabilities on every worker).
     for (std::size_t d = 0; d < mask_.size(); ++d) {
       if (mask_[d] == 0) continue;
       const T* g = global_.data() + lay[d].offset;
+      // Products and sums unfused, so a device policy gives the host's norms
+      // and so the same probabilities and draws.
       const double squares = transform_reduce(
-          policy, lay[d].size, 0.0, [] GCOMP_HD(double a, double b) { return a + b; },
-          [=] GCOMP_HD(std::size_t i) { return static_cast<double>(g[i]) * static_cast<double>(g[i]); });
+          policy, lay[d].size, 0.0, [] GCOMP_HD(double a, double b) { return detail::add_unfused(a, b); },
+          [=] GCOMP_HD(std::size_t i) {
+            const double x = static_cast<double>(g[i]);
+            return detail::mul_unfused(x, x);
+          });
       norms_[d] = std::sqrt(squares);
       require(std::isfinite(norms_[d]), where, "the aggregated gradient of layer '", lay[d].name,
               "' is not finite (squared norm ", squares, ")");
     }
-    optimizer.step(policy, lay, params, std::span<const T>(global_), layer_mask(mask_));
+    optimizer.step(policy, lay, params, std::span<const T>(global_.span()), layer_mask(mask_));
     sampler_.update(mask_, norms_);
 
     last_.step = step_;
@@ -160,8 +167,9 @@ class jointspar {
   const jointspar_step_stats& last_step() const { return last_; }
   /// Bytes handed to the all-reduce over all steps.
   std::uint64_t total_bytes() const { return total_bytes_; }
-  /// ghat of the last step, the same on every worker (0 on inactive layers).
-  std::span<const T> global_gradient() const { return global_; }
+  /// ghat of the last step, the same on every worker (0 on inactive layers),
+  /// in the memory of that step's policy (device memory under cuda_par).
+  std::span<const T> global_gradient() const { return global_.span(); }
   /// Steps skipped because some worker's gradient was not finite (the same on every worker).
   std::uint64_t skipped_steps() const { return guard_.skipped_steps(); }
   on_nonfinite nonfinite_action() const { return guard_.action(); }
@@ -248,7 +256,7 @@ class jointspar {
   layer_sampler sampler_;
   std::vector<std::uint8_t> mask_;
   std::vector<double> norms_;
-  std::vector<T> global_;
+  policy_buffer<T> global_;  // the last step's ghat, in the memory of its policy
   jointspar_step_stats last_;
   std::uint64_t step_ = 0;
   std::uint64_t total_bytes_ = 0;

@@ -25,6 +25,19 @@
 
 namespace gcomp {
 
+namespace detail {
+
+/// to[i] = from[i]: a named functor, since nvcc takes no extended lambda in
+/// a private member function.
+template <class T>
+struct copy_entry {
+  T* to;
+  const T* from;
+  GCOMP_HD void operator()(std::size_t i) const { to[i] = from[i]; }
+};
+
+}  // namespace detail
+
 /// The paper's defaults (the authors' code: mu = 0.25 with 8 workers, tau = 50,
 /// momentum 0.9, weight decay 2e-4).
 struct ri_sgd_options {
@@ -280,7 +293,7 @@ class ri_sgd {
 
   template <class Policy>
   static void copy(const Policy& policy, T* to, const T* from, std::size_t n) {
-    for_each_index(policy, n, [=] GCOMP_HD(std::size_t i) { to[i] = from[i]; });
+    for_each_index(policy, n, detail::copy_entry<T>{to, from});
   }
 
   ri_sgd_options options_;

@@ -116,6 +116,7 @@ class lazy_descent {
     requires std::invocable<GradientAt&, std::span<const value_type>, std::span<value_type>>
   bool step(const Policy& policy, Comm& comm, std::span<value_type> params,
             std::span<const value_type> grads, GradientAt&& gradient_at) {
+    detail::require_host_memory<Policy>();
     check_step(params, grads, lazy_rule_form::same_minibatch);
     const bool forced = rule_.forced();
     std::span<const value_type> checked = grads, at_upload_point;
@@ -146,6 +147,7 @@ class lazy_descent {
   template <class Policy, class Comm>
   bool step(const Policy& policy, Comm& comm, std::span<value_type> params,
             std::span<const value_type> grads) {
+    detail::require_host_memory<Policy>();
     check_step(params, grads, lazy_rule_form::last_uploaded);
     if (!guard_.admit(policy, comm, grads, name_)) return skipped();
     const bool upload =

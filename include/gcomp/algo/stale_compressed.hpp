@@ -263,6 +263,7 @@ class stale_compressed_gd {
     requires gcomp::compressor<C, Policy, T> &&
              std::invocable<Gradient&, std::span<const T>, std::uint64_t, std::span<T>>
   bool step(const Policy& policy, std::span<T> x, Gradient&& gradient) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::stale_compressed_gd::step";
     core_.check_model(where, x);
     const std::uint64_t k = core_.step;
@@ -372,6 +373,7 @@ class stale_parameter_server {
     requires gcomp::compressor<C, Policy, T> && communicator<Comm, Policy, T> &&
              std::invocable<Gradient&, std::span<const T>, std::uint64_t, std::span<T>>
   bool step(const Policy& policy, Comm& comm, std::span<T> x, Gradient&& gradient) {
+    detail::require_host_memory<Policy>();
     constexpr std::string_view where = "gcomp::stale_parameter_server::step";
     core_.check_model(where, x);
     const std::uint64_t k = core_.step;

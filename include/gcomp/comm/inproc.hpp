@@ -21,6 +21,7 @@
 
 #include "gcomp/comm/stats.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/exec/policy.hpp"
 
 namespace gcomp {
 
@@ -950,7 +951,7 @@ class inproc_comm {
   /// identical on every rank. Rank r sums the r-th chunk of the index range
   /// from every rank's buffer and writes it back into all of them, so the
   /// ranks share the work and need no scratch.
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   void allreduce_sum(const Policy&, std::span<T> data) {
     static_assert(detail::inproc_summable<T>,
                   "allreduce_sum sums in place: T must be a non-const arithmetic type other "
@@ -970,7 +971,7 @@ class inproc_comm {
 
   /// out = every rank's `in`, in rank order. in.size() must be the same on
   /// every rank and out.size() == size() * in.size(); in and out must not overlap.
-  template <class Policy>
+  template <host_memory_policy Policy>
   void allgather(const Policy&, std::span<const std::byte> in, std::span<std::byte> out) {
     constexpr std::string_view where = "gcomp::inproc_comm::allgather";
     detail::inproc_post p;
@@ -993,7 +994,7 @@ class inproc_comm {
   /// counts (size() entries) receives every rank's in.size(). out is resized
   /// to the total, so its capacity is reused from call to call; `in` must not
   /// point into out's storage.
-  template <class Policy>
+  template <host_memory_policy Policy>
   void allgatherv(const Policy&, std::span<const std::byte> in, std::vector<std::byte>& out,
                   std::span<std::size_t> counts) {
     constexpr std::string_view where = "gcomp::inproc_comm::allgatherv";
@@ -1030,7 +1031,7 @@ class inproc_comm {
 
   /// Every rank's data becomes root's data. Size, element type and root must
   /// match on every rank; root must be in [0, size()).
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   void broadcast(const Policy&, std::span<T> data, int root) {
     static_assert(detail::inproc_copyable<T>,
                   "broadcast writes data on every rank but the root: T must be a non-const "
@@ -1062,7 +1063,7 @@ class inproc_comm {
   /// deterministic sum as allreduce_sum. The caller must not touch data until
   /// the request's wait() returned or test() returned true. A mismatch across
   /// ranks makes wait()/test() throw on every rank, with data unchanged.
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   [[nodiscard]] inproc_request iallreduce_sum(const Policy&, std::span<T> data) {
     static_assert(detail::inproc_summable<T>,
                   "iallreduce_sum sums in place: T must be a non-const arithmetic type other "

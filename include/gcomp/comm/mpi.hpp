@@ -25,6 +25,7 @@
 
 #include "gcomp/comm/stats.hpp"
 #include "gcomp/core/error.hpp"
+#include "gcomp/exec/policy.hpp"
 
 namespace gcomp {
 
@@ -459,7 +460,7 @@ class mpi_comm {
 
   /// In place: data becomes the sum over ranks (see mpi_summation for the
   /// order). Element type and size must match on every rank.
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   void allreduce_sum(const Policy&, std::span<T> data) {
     static_assert(detail::mpi_summable<T>,
                   "mpi_comm::allreduce_sum sums in place: T must be a non-const arithmetic type "
@@ -495,7 +496,7 @@ class mpi_comm {
 
   /// out = every rank's `in`, in rank order. in.size() must be the same on
   /// every rank and out.size() == size() * in.size(); in and out must not overlap.
-  template <class Policy>
+  template <host_memory_policy Policy>
   void allgather(const Policy&, std::span<const std::byte> in, std::span<std::byte> out) {
     constexpr std::string_view where = "gcomp::mpi_comm::allgather";
     begin(where);
@@ -537,7 +538,7 @@ class mpi_comm {
   /// chunked MPI_Bcast per rank when the total exceeds max_count, since
   /// MPI_Allgatherv's displacements are int). out is resized to the total, so
   /// its capacity is reused; `in` must not point into out's storage.
-  template <class Policy>
+  template <host_memory_policy Policy>
   void allgatherv(const Policy&, std::span<const std::byte> in, std::vector<std::byte>& out,
                   std::span<std::size_t> counts) {
     constexpr std::string_view where = "gcomp::mpi_comm::allgatherv";
@@ -608,7 +609,7 @@ class mpi_comm {
 
   /// Every rank's data becomes root's data. Size, element type and root must
   /// match on every rank; root must be in [0, size()).
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   void broadcast(const Policy&, std::span<T> data, int root) {
     static_assert(std::is_trivially_copyable_v<T> && !std::is_const_v<T>,
                   "mpi_comm::broadcast writes data on every rank but the root: T must be a "
@@ -647,7 +648,7 @@ class mpi_comm {
   /// is not checked across ranks (that would take a blocking exchange): the
   /// k-th non-blocking call of every rank must pass the same type and size,
   /// or MPI fails or hangs. Counted when its completion is observed.
-  template <class Policy, class T>
+  template <host_memory_policy Policy, class T>
   [[nodiscard]] mpi_request iallreduce_sum(const Policy&, std::span<T> data) {
     static_assert(detail::mpi_summable<T>,
                   "mpi_comm::iallreduce_sum sums in place: T must be a non-const arithmetic type "

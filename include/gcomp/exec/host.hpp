@@ -53,6 +53,20 @@ template <class P>
 concept host_policy = std::same_as<std::remove_cvref_t<P>, host_seq> ||
                       std::same_as<std::remove_cvref_t<P>, host_par>;
 
+/// The policy under which a step run with `policy` hands host-resident data
+/// (a payload, its encoded bytes, a std::vector) to a communicator: the
+/// policy itself for host_seq and host_par, host_seq under any other (a
+/// device policy's payloads are host objects, so nccl_comm must stage them
+/// rather than read them as device memory). Aggregators pass it with every
+/// payload; buffers in the policy's memory go with the policy itself.
+template <class Policy>
+decltype(auto) host_side(const Policy& policy) {
+  if constexpr (host_policy<Policy>)
+    return (policy);
+  else
+    return host_seq{};
+}
+
 namespace detail {
 
 // Below this many indices a parallel loop is not worth waking the pool.

@@ -25,4 +25,20 @@ template <class P>
 concept host_memory_policy =
     execution_policy<P> && policy_traits<std::remove_cvref_t<P>>::host_memory;
 
+namespace detail {
+
+/// Called first by the parts that work on host memory only so far (divisible,
+/// the parameter server, the model history and the algorithms of algo/):
+/// under a device policy the compiler stops here, below the part's name,
+/// instead of the part reading device pointers on the host.
+template <class Policy>
+constexpr void require_host_memory() {
+  static_assert(host_memory_policy<Policy>,
+                "this gcomp part works on host memory only for now (host_seq, host_par, thrust_device on "
+                "OpenMP); under cuda_par, gcomp::pipeline runs the allreduce, allgather and lazy "
+                "aggregators, and active_layers aggregates on the device");
+}
+
+}  // namespace detail
+
 }  // namespace gcomp

@@ -13,6 +13,7 @@
 #include "gcomp/core/message.hpp"
 #include "gcomp/core/random.hpp"
 #include "gcomp/core/wire.hpp"
+#include "gcomp/exec/host.hpp"
 
 namespace gcomp::detail {
 
@@ -61,7 +62,7 @@ struct replicated_messages {
   template <class Policy, class Comm, class Check>
   void exchange(const Policy& policy, Comm& comm, std::size_t dimension, std::string_view where,
                 Check check) {
-    comm.allgatherv(policy, std::span<const std::byte>(bytes), gathered,
+    comm.allgatherv(host_side(policy), std::span<const std::byte>(bytes), gathered,
                     std::span<std::size_t>(counts));
     const auto me = static_cast<std::size_t>(comm.rank());
     std::size_t offset = 0;

@@ -35,7 +35,9 @@ GCOMP_HD R reduce_one_block(std::size_t begin, std::size_t end, R identity, Redu
   // reassociating, which keeps the order fixed.
   for (; i + reduce_lanes <= end; i += reduce_lanes)
     for (std::size_t l = 0; l < reduce_lanes; ++l) lane[l] = reduce(lane[l], transform(i + l));
-  for (std::size_t l = 0; i < end; ++i, ++l) lane[l] = reduce(lane[l], transform(i));
+  // The tail has fewer than reduce_lanes elements; l < reduce_lanes says so
+  // to GCC, which otherwise warns of an overrun (-Waggressive-loop-optimizations).
+  for (std::size_t l = 0; i < end && l < reduce_lanes; ++i, ++l) lane[l] = reduce(lane[l], transform(i));
   return reduce(reduce(reduce(lane[0], lane[1]), reduce(lane[2], lane[3])),
                 reduce(reduce(lane[4], lane[5]), reduce(lane[6], lane[7])));
 }
