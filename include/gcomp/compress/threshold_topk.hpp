@@ -59,6 +59,17 @@ void check_threshold_index_type(std::string_view where, std::size_t n) {
   check_threshold_index_range(where, n);
 }
 
+/// The selections' finiteness rule on device memory: one min-index pass, then
+/// the host's error naming the first non-finite element and its value.
+template <class Policy, class T>
+void reject_nonfinite_on_device(const Policy& policy, std::span<const T> gradient, std::string_view where) {
+  const std::size_t bad = first_nonfinite(policy, gradient);
+  if (bad == gradient.size()) return;
+  T value{};
+  copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
+  fail_selection_nonfinite(where, bad, value);
+}
+
 inline constexpr std::uint64_t sampled_topk_tag = 0x44474354u;  // "DGCT": the sample's sub-stream
 
 /// The j-th sampled position of an n-element gradient: floor(u * n) with the
@@ -147,12 +158,7 @@ class hard_threshold {
     constexpr std::string_view where = "gcomp::hard_threshold::compress";
     const std::size_t n = gradient.size();
     detail::check_threshold_index_type<Index>(where, n);
-    const std::size_t bad = first_nonfinite(policy, gradient);
-    if (bad != n) {
-      T value{};
-      copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
-      detail::fail_selection_nonfinite(where, bad, value);
-    }
+    detail::reject_nonfinite_on_device(policy, gradient, where);
     device_.indices.resize(policy, n, where);
     Index* idx = device_.indices.data();
     const std::size_t count =
@@ -161,11 +167,7 @@ class hard_threshold {
     if (count != 0)
       for_each_index(policy, count,
                      detail::gather_entry<T, Index, false>{gradient.data(), idx, device_.values.data(), T(1)});
-    message.dimension = n;
-    message.indices.resize(count);
-    message.data.resize(count);
-    copy_to_host(policy, std::span<const Index>(idx, count), std::span<Index>(message.indices));
-    copy_to_host(policy, std::span<const T>(device_.values.data(), count), std::span<T>(message.data));
+    detail::copy_sparse_to_message(policy, message, n, count, idx, device_.values.data());
     last_fraction_ = n == 0 ? 0.0 : static_cast<double>(count) / static_cast<double>(n);
   }
 
@@ -382,12 +384,7 @@ class sampled_topk {
     // The host meets a non-finite element in its gather or selection and
     // names the first; here one min-index pass names it before anything
     // else, so every step below sees finite values.
-    const std::size_t bad = first_nonfinite(policy, gradient);
-    if (bad != n) {
-      T value{};
-      copy_to_host(policy, gradient.subspan(bad, 1), std::span<T>(&value, 1));
-      detail::fail_selection_nonfinite(where, bad, value);
-    }
+    detail::reject_nonfinite_on_device(policy, gradient, where);
     if (k == 0 || s == n) {
       exact_on_device(policy, gradient, message, k, where);
       return;
@@ -428,11 +425,11 @@ class sampled_topk {
       for_each_index(policy, k,
                      detail::gather_entry<Index, Index, false>{selected, pick_positions, device_indices_.data(),
                                                                Index(1)});
-      copy_message(policy, message, n, k, device_indices_.data(), pick_values);
+      detail::copy_sparse_to_message(policy, message, n, k, device_indices_.data(), pick_values);
       last_ = outcome::trimmed;
       return;
     }
-    copy_message(policy, message, n, count, selected, gathered);
+    detail::copy_sparse_to_message(policy, message, n, count, selected, gathered);
     last_ = outcome::accepted;
   }
 
@@ -457,20 +454,9 @@ class sampled_topk {
       device_indices_.resize(policy, k, where);
       exact_topk(policy, gradient, k, device_pick_values_.data(), device_indices_.data(), where);
     }
-    copy_message(policy, message, gradient.size(), k, device_indices_.data(), device_pick_values_.data());
+    detail::copy_sparse_to_message(policy, message, gradient.size(), k, device_indices_.data(),
+                                   device_pick_values_.data());
     last_ = outcome::exact;
-  }
-
-  // The message: dimension n and the count entries at indices and values
-  // (the policy's memory), copied to the host.
-  template <class Policy>
-  static void copy_message(const Policy& policy, payload& message, std::size_t n, std::size_t count,
-                           const Index* indices, const T* values) {
-    detail::write_sparse_in_place(message, n, count, [&](Index* to_indices, T* to_values) {
-      if (count == 0) return;
-      copy_to_host(policy, std::span<const Index>(indices, count), std::span<Index>(to_indices, count));
-      copy_to_host(policy, std::span<const T>(values, count), std::span<T>(to_values, count));
-    });
   }
 
   template <class Policy>

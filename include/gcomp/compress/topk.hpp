@@ -215,10 +215,7 @@ class topk {
         at += kd;
       }
     }
-    detail::write_sparse_in_place(message, n, k, [&](Index* to_indices, T* to_values) {
-      copy_to_host(policy, std::span<const Index>(indices, k), std::span<Index>(to_indices, k));
-      copy_to_host(policy, std::span<const T>(values, k), std::span<T>(to_values, k));
-    });
+    detail::copy_sparse_to_message(policy, message, n, k, indices, values);
   }
 
   topk_options options_;

@@ -88,4 +88,16 @@ void write_sparse_in_place(sparse_payload<T, Index>& message, std::size_t n, std
   message.dimension = n;
 }
 
+/// write_sparse_in_place of `count` indices and values held in the memory of
+/// a device policy: both copied to the host message.
+template <class Policy, class T, class Index>
+void copy_sparse_to_message(const Policy& policy, sparse_payload<T, Index>& message, std::size_t n,
+                            std::size_t count, const Index* indices, const T* values) {
+  write_sparse_in_place(message, n, count, [&](Index* to_indices, T* to_values) {
+    if (count == 0) return;
+    copy_to_host(policy, std::span<const Index>(indices, count), std::span<Index>(to_indices, count));
+    copy_to_host(policy, std::span<const T>(values, count), std::span<T>(to_values, count));
+  });
+}
+
 }  // namespace gcomp::detail
